@@ -1,0 +1,193 @@
+"""Dataset recipes (YAML manifests), validated on load."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .layout import DataLayout, safe_name
+from .yamlconfig import ConfigError, from_mapping, read_yaml
+
+EMBEDDED_SOURCE = "embedded"
+"""Metadata source naming the small LAION-format set that ships inside the package."""
+
+SPLITS = ("train", "validation", "test")
+
+LAION_ENCODING_MIX = {"JPEG": 0.94, "PNG": 0.045, "GIF": 0.005, "BMP": 0.005, "TIFF": 0.005}
+"""Default output-encoding mix of generated images, following LAION's own (mostly JPEG; our estimate)."""
+
+
+@dataclass
+class MetadataSource:
+    """Where the LAION-format metadata parquet files come from."""
+
+    source: str
+    release: str = "unknown"
+
+
+@dataclass
+class Filters:
+    """Which LAION rows are eligible."""
+
+    nsfw: list[str] = field(default_factory=lambda: ["UNLIKELY"])
+    min_width: int = 0
+    min_height: int = 0
+    min_similarity: float = 0.0
+    min_caption_chars: int = 1
+    max_caption_chars: int = 1000
+
+    def validate(self) -> None:
+        if self.min_caption_chars > self.max_caption_chars:
+            raise ValueError("min_caption_chars is larger than max_caption_chars")
+
+
+@dataclass
+class Sampling:
+    """How many eligible rows to keep: a hash threshold, then a cap."""
+
+    fraction: float = 1.0
+    max_records: int | None = None
+
+    def validate(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.max_records is not None and self.max_records < 1:
+            raise ValueError("max_records must be at least 1")
+
+
+@dataclass
+class Prompts:
+    """How the generation prompts are made from a caption."""
+
+    positive_template: str = "{caption}"
+    negative: str = ""
+
+    def validate(self) -> None:
+        if "{caption}" not in self.positive_template:
+            raise ValueError("positive_template must contain {caption}")
+
+
+@dataclass
+class FetchConfig:
+    """img2dataset knobs for `fetch-real` (passed through)."""
+
+    processes: int = 1
+    threads: int = 16
+    timeout: int = 10
+    retries: int = 0
+    user_agent_token: str = "d3code"
+    disallowed_header_directives: list[str] = field(default_factory=list)
+    distributor: str = "multiprocessing"
+    max_image_bytes: int = 50_000_000
+
+    def validate(self) -> None:
+        if self.distributor not in ("multiprocessing", "pyspark", "ray"):
+            raise ValueError(f"distributor must be multiprocessing, pyspark or ray, got {self.distributor!r}")
+
+
+@dataclass
+class GenerateConfig:
+    """Generation knobs shared by every generator."""
+
+    batch_size: int = 4
+    encoding_mix: dict[str, float] = field(default_factory=lambda: dict(LAION_ENCODING_MIX))
+    jpeg_quality: list[int] = field(default_factory=lambda: [75, 95])
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        unknown = set(self.encoding_mix) - set(LAION_ENCODING_MIX)
+        if unknown:
+            raise ValueError(f"encoding_mix: unknown formats {sorted(unknown)} (known: {sorted(LAION_ENCODING_MIX)})")
+        if not math.isclose(sum(self.encoding_mix.values()), 1.0, abs_tol=1e-6):
+            raise ValueError("encoding_mix weights must sum to 1")
+
+
+@dataclass
+class TransformTestConfig:
+    """The test split 'with transformations'."""
+
+    max_ops: int = 2
+    seed: int = 1234
+
+
+@dataclass
+class ExtendedConfig:
+    """Further generators rendered on the test records (the extended test set)."""
+
+    registry: str = "extended.yaml"
+    generators: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    """A dataset recipe: which records, how they are cut into shards, which generators."""
+
+    name: str
+    output_root: str
+    metadata: MetadataSource
+    shard_size: int
+    generators: list[str]
+    seed: int = 42
+    filters: Filters = field(default_factory=Filters)
+    sampling: Sampling = field(default_factory=Sampling)
+    splits: dict[str, float] = field(default_factory=lambda: {"train": 0.998, "validation": 0.001, "test": 0.001})
+    prompts: Prompts = field(default_factory=Prompts)
+    registry: list[str] = field(default_factory=lambda: ["generators.yaml"])
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    transform_test: TransformTestConfig = field(default_factory=TransformTestConfig)
+    extended: ExtendedConfig = field(default_factory=ExtendedConfig)
+    path: Path = field(default=Path("."), init=False)
+
+    def validate(self) -> None:
+        safe_name(self.name, "manifest name")
+        if self.shard_size < 1:
+            raise ValueError("shard_size must be at least 1")
+        unknown = set(self.splits) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"splits: unknown split {sorted(unknown)[0]!r} (allowed: {', '.join(SPLITS)})")
+        if any(v < 0 for v in self.splits.values()) or not math.isclose(sum(self.splits.values()), 1.0, abs_tol=1e-6):
+            raise ValueError("splits: fractions must be >= 0 and sum to 1")
+        if len(set(self.generators)) != len(self.generators):
+            raise ValueError("generators: a generator is listed twice")
+
+    @property
+    def layout(self) -> DataLayout:
+        """The output layout of this recipe."""
+        return DataLayout(Path(self.output_root))
+
+    def registry_paths(self) -> list[Path]:
+        """Registry files, resolved against the manifest's folder."""
+        return [self.resolve(p) for p in self.registry]
+
+    def extended_registry_path(self) -> Path:
+        """The extended-generators registry, resolved against the manifest's folder."""
+        return self.resolve(self.extended.registry)
+
+    def resolve(self, relative: str) -> Path:
+        """A path from the manifest, relative to the manifest's own folder."""
+        path = Path(relative).expanduser()
+        return path if path.is_absolute() else self.path.parent / path
+
+
+def load_manifest(path: str | Path, output_root: str | Path | None = None) -> Manifest:
+    """Load and validate a manifest; `output_root` overrides the one in the file."""
+    path = Path(path)
+    manifest = from_mapping(Manifest, read_yaml(path), path)
+    manifest.path = path.resolve()
+    if output_root is not None:
+        manifest.output_root = str(output_root)
+    return manifest
+
+
+def with_output_root(manifest: Manifest, output_root: str | Path) -> Manifest:
+    """A copy of `manifest` writing under another root."""
+    copy = dataclasses.replace(manifest, output_root=str(output_root))
+    copy.path = manifest.path
+    return copy
+
+
+__all__ = ["ConfigError", "Manifest", "load_manifest", "with_output_root", "EMBEDDED_SOURCE", "SPLITS"]

@@ -1,0 +1,158 @@
+"""Every shard schema of the toolkit, declared once as Hugging Face `datasets.Features`."""
+
+from __future__ import annotations
+
+from datasets import Features, Image, Value
+
+NUM_D3_GENERATORS = 4
+
+STRING, INT, FLOAT, BOOL = Value("string"), Value("int64"), Value("float64"), Value("bool")
+
+LAION_COLUMNS = Features(
+    {
+        "SAMPLE_ID": INT,
+        "URL": STRING,
+        "TEXT": STRING,
+        "LICENSE": STRING,
+        "NSFW": STRING,
+        "similarity": FLOAT,
+        "WIDTH": INT,
+        "HEIGHT": INT,
+    }
+)
+"""The LAION-400M metadata columns that `select` reads and keeps."""
+
+RECORD_FEATURES = Features(
+    {
+        "id": STRING,
+        "url": STRING,
+        "original_prompt": STRING,
+        "positive_prompt": STRING,
+        "negative_prompt": STRING,
+        "split": STRING,
+        "shard": INT,
+        "selection_hash": FLOAT,
+        **LAION_COLUMNS,
+    }
+)
+"""`records/{k}.parquet`: one selected LAION sample per row."""
+
+REAL_FEATURES = Features(
+    {
+        "id": STRING,
+        "url": STRING,
+        "status": STRING,
+        "error_message": STRING,
+        "image": Image(),
+        "width": INT,
+        "height": INT,
+        "encoding": STRING,
+        "sha256": STRING,
+        "num_bytes": INT,
+    }
+)
+"""`real/{k}.parquet`: the real image as the server sent it (exact bytes), or why it failed."""
+
+GEN_FEATURES = Features(
+    {
+        "id": STRING,
+        "generator": STRING,
+        "status": STRING,
+        "error_message": STRING,
+        "image": Image(),
+        "model": STRING,
+        "model_revision": STRING,
+        "pipeline": STRING,
+        "scheduler": STRING,
+        "dtype": STRING,
+        "num_inference_steps": INT,
+        "guidance_scale": FLOAT,
+        "seed": INT,
+        "width": INT,
+        "height": INT,
+        "encoding": STRING,
+        "safety_checker": BOOL,
+        "watermark": BOOL,
+        "prompt": STRING,
+        "negative_prompt": STRING,
+        "software": STRING,
+        "seconds": FLOAT,
+    }
+)
+"""`gen/{generator}/{k}.parquet`: one generated image per record with its full provenance."""
+
+ELSA_GENERATOR_COLUMNS = ("model", "width", "height", "num_inference_steps", "filepath", "image")
+OUR_GENERATOR_COLUMNS = (
+    "generator",
+    "seed",
+    "guidance_scale",
+    "scheduler",
+    "model_revision",
+    "encoding",
+    "safety_checker",
+    "watermark",
+)
+
+
+def generator_columns(slot: int) -> dict:
+    """The columns of generator slot `slot` (ELSA_D3's `*_gen{slot}` plus our provenance)."""
+    elsa = {
+        f"model_gen{slot}": STRING,
+        f"width_gen{slot}": INT,
+        f"height_gen{slot}": INT,
+        f"num_inference_steps_gen{slot}": INT,
+        f"filepath_gen{slot}": STRING,
+        f"image_gen{slot}": Image(),
+    }
+    ours = {
+        f"generator_gen{slot}": STRING,
+        f"seed_gen{slot}": INT,
+        f"guidance_scale_gen{slot}": FLOAT,
+        f"scheduler_gen{slot}": STRING,
+        f"model_revision_gen{slot}": STRING,
+        f"encoding_gen{slot}": STRING,
+        f"safety_checker_gen{slot}": BOOL,
+        f"watermark_gen{slot}": BOOL,
+    }
+    return {**elsa, **ours}
+
+
+def elsa_features(num_generators: int = NUM_D3_GENERATORS) -> Features:
+    """The published ELSA_D3 parquet schema (no real image, no provenance)."""
+    columns = {
+        "id": STRING,
+        "original_prompt": STRING,
+        "positive_prompt": STRING,
+        "negative_prompt": STRING,
+        "url": STRING,
+    }
+    for slot in range(num_generators):
+        columns.update({k: v for k, v in generator_columns(slot).items() if k.rsplit("_gen", 1)[0] in ELSA_GENERATOR_COLUMNS})
+    return Features(columns)
+
+
+def d3_features(num_generators: int = NUM_D3_GENERATORS) -> Features:
+    """Our final shard schema: every ELSA_D3 column plus the real image, split and provenance."""
+    columns = dict(elsa_features(0))
+    columns.update(
+        {
+            "split": STRING,
+            "image_real": Image(),
+            "width_real": INT,
+            "height_real": INT,
+            "encoding_real": STRING,
+            "sha256_real": STRING,
+        }
+    )
+    for slot in range(num_generators):
+        columns.update(generator_columns(slot))
+    return Features(columns)
+
+
+def generator_slots(column_names: list[str] | tuple[str, ...]) -> list[int]:
+    """The generator slots present in a shard, from its `image_gen{i}` columns."""
+    slots = []
+    for name in column_names:
+        if name.startswith("image_gen") and name[len("image_gen"):].isdigit():
+            slots.append(int(name[len("image_gen"):]))
+    return sorted(slots)
