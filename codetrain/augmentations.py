@@ -93,6 +93,7 @@ def _blur(img: Image.Image, level: float, extra: dict) -> Image.Image:
 
 
 def _enhance(enhancer: type) -> OpFn:
+    """Wrap a PIL ImageEnhance class (factor 1 = unchanged) as an op."""
     def op(img: Image.Image, level: float, extra: dict) -> Image.Image:
         return enhancer(img).enhance(level)
 
@@ -178,8 +179,8 @@ def _draw_colour(rng: np.random.Generator) -> dict:
 
 
 def _pad(img: Image.Image, level: float, extra: dict) -> Image.Image:
-    """Pad each side by ``level`` of the image's width/height with the recorded colour."""
-    dx, dy = round(level * img.width), round(level * img.height)
+    """Pad each side by ``level`` of the image's width/height (at least 1 px) in the recorded colour."""
+    dx, dy = max(1, round(level * img.width)), max(1, round(level * img.height))
     return ImageOps.expand(img, border=(dx, dy, dx, dy), fill=tuple(extra["colour"]))
 
 
@@ -237,6 +238,7 @@ def _skew(img: Image.Image, level: float, extra: dict) -> Image.Image:
 
 
 def _family(name: str, low: float, high: float, fn: OpFn, draw_extra: ExtraFn | None = None) -> Family:
+    """Build a table row with its 5-step grid (a single level when the range is a point)."""
     steps = 1 if low == high else GRID_STEPS
     levels = tuple(round(float(v), 6) for v in np.linspace(low, high, steps))
     return Family(name, float(low), float(high), levels, fn, draw_extra)
@@ -304,7 +306,7 @@ def draw_ops(rng: np.random.Generator, max_ops: int = 2, families: Sequence[str]
 
 
 def apply_ops(img: Image.Image, ops: Sequence[Op]) -> Image.Image:
-    """Replay recorded ops in order on an RGB copy of ``img`` (deterministic)."""
+    """Replay recorded ops in order on ``img`` as RGB (deterministic; ``img`` is never mutated)."""
     out = to_rgb(img)
     for op in ops:
         out = _apply_op(out, op)
