@@ -131,6 +131,17 @@ class KnnClassifier(FittedClassifier):
         return d_real - d_fake
 
 
+def _ocsvm_inputs(X: np.ndarray) -> np.ndarray:
+    """Scale embeddings by sqrt(d) so that gamma * <x, y> is the cosine for unit rows.
+
+    With gamma="auto" (1/d) the cubic kernel of unit vectors is below 1e-6, and libsvm's
+    stopping tolerance (1e-3) halts before the optimum. The kernel is homogeneous
+    (coef0 = 0), so scaling the inputs only multiplies it by a constant: the optimal
+    one-class SVM, and so every decision, is unchanged; the solver just reaches it.
+    """
+    return X * np.sqrt(X.shape[1])
+
+
 @dataclass(frozen=True)
 class OcsvmClassifier(FittedClassifier):
     """One-class SVM (poly kernel, gamma "auto", nu=0.1) fitted on reals only.
@@ -148,11 +159,11 @@ class OcsvmClassifier(FittedClassifier):
         y = _as_labels(y, X.shape[0])
         _require_classes(y, (REAL,), cls.name)
         model = OneClassSVM(kernel="poly", gamma="auto", nu=0.1)
-        return cls(model=model.fit(X[y == REAL]))
+        return cls(model=model.fit(_ocsvm_inputs(X[y == REAL])))
 
     def _score(self, X: np.ndarray) -> np.ndarray:
         """Negated signed distance to the real-support boundary (outlier > 0)."""
-        return -self.model.decision_function(X)
+        return -self.model.decision_function(_ocsvm_inputs(X))
 
 
 CLASSIFIERS: dict[str, type[FittedClassifier]] = {
