@@ -10,6 +10,8 @@ import sys
 from .yamlconfig import ConfigError
 
 COMMAND_MODULES: list[str] = [
+    "d3builder.embedded",
+    "d3builder.select",
 ]
 """Modules that each define `add_parser(subparsers)`; their order is the order in `--help`."""
 
