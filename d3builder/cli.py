@@ -12,6 +12,9 @@ from .yamlconfig import ConfigError
 COMMAND_MODULES: list[str] = [
     "d3builder.embedded",
     "d3builder.select",
+    "d3builder.assemble",
+    "d3builder.transform_test",
+    "d3builder.validate",
 ]
 """Modules that each define `add_parser(subparsers)`; their order is the order in `--help`."""
 

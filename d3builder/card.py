@@ -1,0 +1,251 @@
+"""The dataset card: d3/README.md with `dataset_info` and `configs`, so the folder loads (and pushes) as a hub repo."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from datasets import DatasetInfo, Features, SplitDict, SplitInfo
+from datasets.info import DatasetInfosDict
+from datasets.utils.metadata import MetadataConfigs
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from .layout import shard_number
+from .manifest import Manifest
+from .shards import atomic_write_bytes, read_features
+
+SPLIT_ORDER = ("train", "validation", "test", "test_augm")
+SOFTWARE = ("d3code", "torch", "diffusers", "transformers", "datasets", "pyarrow", "pillow")
+SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
+
+
+def split_shards(d3_dir: Path) -> dict[str, list[Path]]:
+    """The shards of each split folder, `{split}/{split}-{k}.parquet`, in split then shard order."""
+    found = {}
+    for folder in sorted(p for p in d3_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        shards = sorted(folder.glob(f"{folder.name}-[0-9]*.parquet"), key=shard_number)
+        if shards:
+            found[folder.name] = shards
+    return in_split_order(found)
+
+
+def in_split_order(groups: dict[str, Any]) -> dict[str, Any]:
+    """`groups` keyed by split, reordered train, validation, test, test_augm, then the rest by name."""
+    order = {name: i for i, name in enumerate(SPLIT_ORDER)}
+    return dict(sorted(groups.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
+
+
+def _features(path: Path) -> Features:
+    features = read_features(path)
+    if features is None:
+        raise ValueError(f"{path}: no `datasets` features in the Parquet metadata (not written by d3builder?)")
+    return features
+
+
+def _split_info(split: str, shards: list[Path]) -> SplitInfo:
+    rows = num_bytes = 0
+    for path in shards:
+        meta = pq.ParquetFile(path).metadata
+        rows += meta.num_rows
+        num_bytes += sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+    return SplitInfo(name=split, num_bytes=num_bytes, num_examples=rows)
+
+
+def _configs(splits: dict[str, list[Path]]) -> dict[str, list[str]]:
+    """Splits grouped by schema: the group holding `train` (or the first) is `default`, others named by split."""
+    groups: dict[str, list[str]] = {}
+    schemas: dict[str, Features] = {}
+    for split, shards in splits.items():
+        features = _features(shards[0])
+        name = next((n for n, f in schemas.items() if f == features), None)
+        if name is None:
+            name = "default" if not groups else split
+            schemas[name] = features
+            groups[name] = []
+        groups[name].append(split)
+    return groups
+
+
+def _stats(root: Path, stage: str) -> list[dict[str, Any]]:
+    folder = root / "stats" / stage
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("[0-9]*.json"))] if folder.is_dir() else []
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for name in SOFTWARE:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _encodings(shards: list[Path]) -> dict[str, Counter]:
+    """Counts of each encoding in the real column and in the generated columns of a split."""
+    counts = {"real": Counter(), "generated": Counter()}
+    for path in shards:
+        names = pq.read_schema(path).names
+        columns = [c for c in names if c == "encoding_real" or c.startswith("encoding_gen")]
+        table = pq.read_table(path, columns=columns)
+        for column in columns:
+            side = "real" if column == "encoding_real" else "generated"
+            counts[side].update(str(v) for v in table.column(column).to_pylist())
+    return counts
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _provenance(assemble_stats: list[dict[str, Any]], generators: list[str]) -> list[list[Any]]:
+    merged: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    for stats in assemble_stats:
+        for generator, fields in stats.get("provenance", {}).items():
+            for key, values in fields.items():
+                merged[generator][key].update(str(v) for v in values)
+    rows = []
+    for slot, generator in enumerate(generators):
+        fields = merged.get(generator, {})
+        rows.append(
+            [f"gen{slot}", generator]
+            + [
+                ", ".join(sorted(fields.get(k, ()))) or "?"
+                for k in ("model", "model_revision", "pipeline", "scheduler", "dtype", "safety_checker", "watermark")
+            ]
+        )
+    return rows
+
+
+def _generation_software(assemble_stats: list[dict[str, Any]]) -> list[str]:
+    software = set()
+    for stats in assemble_stats:
+        for fields in stats.get("provenance", {}).values():
+            software.update(str(v) for v in fields.get("software", ()))
+    return sorted(software)
+
+
+def _body(
+    manifest: Manifest, splits: dict[str, list[Path]], infos: dict[str, SplitInfo], configs: dict[str, list[str]]
+) -> str:
+    root = manifest.layout.root
+    n = len(manifest.generators)
+    assemble_stats, augm_stats = _stats(root, "assemble"), _stats(root, "transform_test")
+    split_rows = [[s, len(splits[s]), infos[s].num_examples, infos[s].num_examples * (n + 1)] for s in splits]
+    reasons: Counter = Counter()
+    for stats in assemble_stats:
+        reasons.update(stats.get("dropped_by_reason", {}))
+    dropped = sum(s.get("dropped", 0) for s in assemble_stats)
+    selected = sum(s.get("records", 0) for s in assemble_stats)
+    encoding_rows = []
+    for split, shards in splits.items():
+        for side, counts in _encodings(shards).items():
+            encoding_rows.append([split, side, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"])
+    other_configs = [name for name in configs if name != "default"]
+    augm = augm_stats[0] if augm_stats else {}
+    sections = [
+        f"# {manifest.name}: a D3-style paired dataset of real and generated images",
+        "One row per LAION record: its caption, its real image (`image_real`, the exact bytes the server sent) and "
+        f"one image from each of {n} generators (`image_gen0`..`image_gen{n - 1}`), with every column of the published "
+        "ELSA_D3 parquet plus the full generation provenance (seed, guidance, scheduler, model revision, encoding, "
+        "safety checker and watermark switches). Built with `d3builder` (d3code), following arXiv 2407.20337.",
+        "## Splits",
+        _table(["split", "shards", "records", "images"], split_rows),
+        "## Dropped records",
+        f"The assembled shards hold {selected} selected records; {dropped} were left out as incomplete. "
+        "A record counts under every reason that applies.",
+        _table(["reason", "records"], [[r, c] for r, c in sorted(reasons.items())] or [["none", 0]]),
+        "## Generators",
+        "Column slot `gen{i}` holds the i-th generator of the recipe, in this order.",
+        _table(
+            ["slot", "generator", "model", "revision", "pipeline", "scheduler", "dtype", "safety checker", "watermark"],
+            _provenance(assemble_stats, manifest.generators),
+        ),
+        "## Encodings",
+        "Generated images are encoded following LAION's own encoding mix, so that the file format says nothing "
+        "about the label.",
+        _table(["split", "images", "encodings"], encoding_rows),
+    ]
+    if augm:
+        sections += [
+            "## Test with transformations (`test_augm`)",
+            "The `test` records, each image (real and every fake) passed through 0 to "
+            f"{augm.get('max_ops')} CoDE augmentation families ({', '.join(augm.get('families', []))}), "
+            "the count drawn uniformly and each level from a 5-step grid, by a generator "
+            f"seeded by (seed {augm.get('seed')}, record id, column). Each image is re-encoded in its original "
+            f"encoding (JPEG and WebP at quality {augm.get('jpeg_quality')}). The ops applied to each image are "
+            "recorded as JSON in `augm_real` and `augm_gen{i}` and replay exactly with "
+            "`codetrain.augmentations.apply_ops`.",
+        ]
+    sections += [
+        "## Source",
+        f"Captions and URLs: LAION release `{manifest.metadata.release}` (metadata source "
+        f"`{manifest.metadata.source}`), selection seed {manifest.seed}, NSFW tags {manifest.filters.nsfw}, "
+        f"CLIP similarity >= {manifest.filters.min_similarity}.",
+        "## Software",
+        _table(["package", "version (assembly)"], [[k, v] for k, v in _versions().items()]),
+        "Generation-time software, as recorded in the generated shards:",
+        "\n".join(f"- `{s}`" for s in _generation_software(assemble_stats)) or "- not recorded",
+        "## Loading",
+        "```python\nfrom datasets import load_dataset\n\n"
+        'd3 = load_dataset("path/to/d3")  # or the hub repo id\n'
+        'row = d3["train"][0]  # row["image_real"], row["image_gen0"]: PIL images\n'
+        + "".join(f'{name} = load_dataset("path/to/d3", "{name}")\n' for name in other_configs)
+        + "```",
+        "```python\nimport io\n\nimport pandas as pd\nfrom PIL import Image\n\n"
+        'frame = pd.read_parquet("path/to/d3/train")\n'
+        'image = Image.open(io.BytesIO(frame.loc[0, "image_gen0"]["bytes"]))\n```',
+        "## License",
+        "Real images remain under the terms of their owners (see each record's URL and LAION's LICENSE column); "
+        "generated images follow the licenses of their generators. Research use only.",
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def write_dataset_card(manifest: Manifest, d3_dir: Path | None = None) -> Path:
+    """Write d3/README.md: YAML front matter (dataset_info, configs, license) and a body of counts and provenance."""
+    d3_dir = Path(d3_dir) if d3_dir is not None else manifest.layout.d3_dir()
+    d3_dir.mkdir(parents=True, exist_ok=True)
+    splits = split_shards(d3_dir)
+    infos = {split: _split_info(split, shards) for split, shards in splits.items()}
+    configs = _configs(splits)
+    total = sum(info.num_examples for split, info in infos.items() if split in configs.get("default", ()))
+    card_data = DatasetCardData(
+        license="other",
+        pretty_name=f"{manifest.name} (D3-style real/generated pairs)",
+        task_categories=["image-classification"],
+        tags=["deepfake-detection", "synthetic-images", "laion", "d3"],
+        size_categories=[next((c for limit, c in SIZE_CATEGORIES if total < limit), "1M<n<10M")],
+    )
+    dataset_infos, metadata_configs = {}, {}
+    for name, members in configs.items():
+        dataset_infos[name] = DatasetInfo(
+            features=_features(splits[members[0]][0]),
+            splits=SplitDict({s: infos[s] for s in members}),
+            download_size=sum(p.stat().st_size for s in members for p in splits[s]),
+            dataset_size=sum(infos[s].num_bytes for s in members),
+        )
+        metadata_configs[name] = {"data_files": [{"split": s, "path": f"{s}/{s}-*.parquet"} for s in members]}
+    DatasetInfosDict(dataset_infos).to_dataset_card_data(card_data)
+    MetadataConfigs(metadata_configs).to_dataset_card_data(card_data)
+    card = DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n{_body(manifest, splits, infos, configs)}")
+    return atomic_write_bytes(d3_dir / "README.md", str(card).encode())
+
+
+def card_split_counts(card_path: Path) -> dict[str, int]:
+    """num_examples of every split declared in a card's `dataset_info` (every config)."""
+    info = DatasetCard.load(card_path).data.to_dict().get("dataset_info") or []
+    counts = {}
+    for config in [info] if isinstance(info, dict) else info:
+        for split in config.get("splits") or []:
+            counts[split["name"]] = int(split["num_examples"])
+    return counts
+
+
+__all__ = ["write_dataset_card", "split_shards", "in_split_order", "card_split_counts"]

@@ -1,0 +1,389 @@
+"""`validate`: check a finished dataset folder: schemas, counts, pairing, decoding, duplicate ids and leaks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import Features
+from tqdm import tqdm
+
+from .card import card_split_counts, in_split_order
+from .schema import d3_features, elsa_features, generator_slots
+from .shards import DEFAULT_ROW_GROUP_SIZE, decode_image
+from .transform_test import AUGM_SPLIT, SOURCE_SPLIT, augm_features
+
+HELD_OUT = (SOURCE_SPLIT, AUGM_SPLIT)
+"""Splits whose records may also appear in each other and in the extended test set (never in train/validation)."""
+_SPLIT_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9_]*?)-\d")
+
+
+@dataclass(frozen=True)
+class Defect:
+    """One problem, named by file and, where it applies, record id and column."""
+
+    file: str
+    message: str
+    record: str | None = None
+    column: str | None = None
+
+    def __str__(self) -> str:
+        where = [self.file]
+        if self.record is not None:
+            where.append(f"record {self.record!r}")
+        if self.column is not None:
+            where.append(f"column {self.column!r}")
+        return f"{': '.join(where)}: {self.message}"
+
+
+@dataclass
+class ShardCheck:
+    """What checking one shard found."""
+
+    path: str
+    group: str
+    rows: int = 0
+    images: int = 0
+    ids: list[str] = field(default_factory=list)
+    models: dict[str, str] = field(default_factory=dict)
+    defects: list[Defect] = field(default_factory=list)
+
+
+@dataclass
+class GroupSummary:
+    """One line of the summary table: a split (or an extended-test generator)."""
+
+    shards: int = 0
+    records: int = 0
+    images: int = 0
+    defects: int = 0
+
+
+@dataclass
+class ValidationReport:
+    """Everything `validate_dataset` found."""
+
+    data_dir: Path
+    groups: dict[str, GroupSummary] = field(default_factory=dict)
+    defects: list[Defect] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.defects
+
+    def table(self) -> str:
+        """A readable summary table (split, shards, records, images, defects) with a total line."""
+        header = ("split", "shards", "records", "images", "defects")
+        rows = [(name, g.shards, g.records, g.images, g.defects) for name, g in self.groups.items()]
+        rows.append(("total", *(sum(r[i] for r in rows) for i in range(1, 4)), len(self.defects)))
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        lines = [
+            f"{r[0]:<{widths[0]}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(r[1:], widths[1:], strict=True))
+            for r in [header, *rows]
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.insert(len(lines) - 1, lines[1])
+        return "\n".join(lines)
+
+
+def expected_features(names: list[str], group: str) -> tuple[Features, str]:
+    """The schema a shard must have, from its columns: ours (d3, test_augm) or the published ELSA one."""
+    count = len(generator_slots(names))
+    if "image_real" not in names:
+        return elsa_features(count), "ELSA_D3"
+    if group == AUGM_SPLIT or "augm_real" in names:
+        return augm_features(count), "test_augm"
+    return d3_features(count), "d3"
+
+
+def _schema_defects(path: str, schema: pa.Schema, group: str) -> list[Defect]:
+    names = schema.names
+    slots = generator_slots(names)
+    defects = []
+    if slots != list(range(len(slots))):
+        defects.append(Defect(path, f"generator slots {slots} are not numbered 0..{len(slots) - 1}"))
+    if not slots:
+        defects.append(Defect(path, "no image_gen{i} column: not a D3 shard"))
+    features, kind = expected_features(names, group)
+    for name, feature in features.items():
+        if name not in names:
+            defects.append(Defect(path, f"missing column (expected by the {kind} schema)", column=name))
+            continue
+        want = Features({name: feature}).arrow_schema.field(name).type
+        if schema.field(name).type != want:
+            defects.append(Defect(path, f"type {schema.field(name).type}, expected {want}", column=name))
+    return defects
+
+
+def check_shard(path: str, group: str, batch_size: int = DEFAULT_ROW_GROUP_SIZE) -> ShardCheck:
+    """Check one shard alone: schema, pairing, ids unique, one model per generator column, every image decodes."""
+    check = ShardCheck(path, group)
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        check.defects.append(Defect(path, f"not a readable Parquet file: {exc}"))
+        return check
+    check.defects += _schema_defects(path, schema, group)
+    if "id" not in schema.names:
+        return check
+    slots = generator_slots(schema.names)
+    image_columns = (["image_real"] if "image_real" in schema.names else []) + [f"image_gen{s}" for s in slots]
+    model_columns = [f"model_gen{s}" for s in slots if f"model_gen{s}" in schema.names]
+    split_column = ["split"] if "split" in schema.names and not group.startswith("extended/") else []
+    models: dict[str, set[str]] = {c: set() for c in model_columns}
+    seen: set[str] = set()
+    try:
+        parquet = pq.ParquetFile(path)
+        for batch in parquet.iter_batches(
+            batch_size=batch_size, columns=["id", *split_column, *model_columns, *image_columns]
+        ):
+            for row in batch.to_pylist():
+                _check_row(check, row, seen, image_columns, models, split_column)
+    except (OSError, pa.ArrowException) as exc:
+        check.defects.append(Defect(path, f"unreadable after {check.rows} rows: {exc}"))
+    for column, values in models.items():
+        if len(values) > 1:
+            check.defects.append(Defect(path, f"not constant within the shard: {sorted(values)}", column=column))
+        elif values:
+            check.models[column] = next(iter(values))
+    return check
+
+
+def _check_row(
+    check: ShardCheck,
+    row: dict,
+    seen: set[str],
+    image_columns: list[str],
+    models: dict[str, set[str]],
+    split_column: list[str],
+) -> None:
+    check.rows += 1
+    record = row["id"]
+    if record is None:
+        check.defects.append(Defect(check.path, f"row {check.rows - 1} has no id", column="id"))
+    elif record in seen:
+        check.defects.append(Defect(check.path, "duplicate id within the shard", record=record, column="id"))
+    else:
+        seen.add(record)
+        check.ids.append(record)
+    if split_column and row["split"] != check.group:
+        check.defects.append(
+            Defect(check.path, f"split is {row['split']!r} in a {check.group!r} shard", record, "split")
+        )
+    for column, values in models.items():
+        if row[column] is None:
+            check.defects.append(Defect(check.path, "no model id", record, column))
+        else:
+            values.add(row[column])
+    for column in image_columns:
+        cell = row[column]
+        if cell is None or cell.get("bytes") is None:
+            check.defects.append(Defect(check.path, "image missing (record not paired)", record, column))
+            continue
+        check.images += 1
+        try:
+            decode_image(cell)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a defect to report
+            check.defects.append(Defect(check.path, f"image does not decode: {exc}", record, column))
+
+
+def _group_of(path: Path, d3_dir: Path) -> str:
+    match = _SPLIT_PREFIX.match(path.stem)
+    return match.group(1) if match else path.parent.name if path.parent != d3_dir else "data"
+
+
+def find_shards(data_dir: Path) -> tuple[Path, dict[str, list[Path]]]:
+    """The d3 folder and its shards by group: each split, and `extended/{generator}` beside d3/."""
+    d3_dir = data_dir / "d3" if (data_dir / "d3").is_dir() else data_dir
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(
+        p for p in d3_dir.rglob("*.parquet") if not any(part.startswith(".") for part in p.relative_to(d3_dir).parts)
+    ):
+        groups.setdefault(_group_of(path, d3_dir), []).append(path)
+    extended = data_dir / "extended"
+    if d3_dir != data_dir and extended.is_dir():
+        for folder in sorted(p for p in extended.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            shards = sorted(folder.glob("*.parquet"))
+            if shards:
+                groups[f"extended/{folder.name}"] = shards
+    return d3_dir, in_split_order(groups)
+
+
+def _namespace(group: str) -> str:
+    """Ids must be unique within a namespace: the d3 splits together, test_augm alone, each extended generator."""
+    return group if group == AUGM_SPLIT or group.startswith("extended/") else "d3"
+
+
+def _cross_shard_defects(checks: list[ShardCheck]) -> list[Defect]:
+    """Duplicate ids across shards, leaks of held-out ids into train/validation, model columns that change."""
+    defects = []
+    owner: dict[tuple[str, str], ShardCheck] = {}
+    training: dict[str, str] = {}
+    for check in checks:
+        for record in check.ids:
+            first = owner.setdefault((_namespace(check.group), record), check)
+            if first is not check and first.group == check.group:
+                defects.append(Defect(check.path, f"duplicate id, also in {first.path}", record, "id"))
+            elif first is not check:
+                defects.append(
+                    Defect(check.path, f"id also in {first.group} ({first.path}): leak between splits", record, "id")
+                )
+            if _namespace(check.group) == "d3" and check.group not in HELD_OUT:
+                training.setdefault(record, check.path)
+    for check in checks:
+        if _namespace(check.group) != "d3":
+            defects += [
+                Defect(check.path, f"held-out record also in {training[r]} (leak)", r, "id")
+                for r in check.ids
+                if r in training
+            ]
+    reference: dict[str, tuple[str, str]] = {}
+    for check in checks:
+        if check.group.startswith("extended/"):
+            continue
+        for column, model in check.models.items():
+            first = reference.setdefault(column, (model, check.path))
+            if first[0] != model:
+                defects.append(Defect(check.path, f"holds {model!r} but {first[1]} holds {first[0]!r}", column=column))
+    return defects
+
+
+def _augm_pairing_defects(checks: list[ShardCheck]) -> list[Defect]:
+    """test_augm must hold exactly the test records."""
+    test = {r: c.path for c in checks if c.group == SOURCE_SPLIT for r in c.ids}
+    augm = {r: c.path for c in checks if c.group == AUGM_SPLIT for r in c.ids}
+    if not augm:
+        return []
+    defects = [
+        Defect(path, f"not a record of the {SOURCE_SPLIT} split", r, "id") for r, path in augm.items() if r not in test
+    ]
+    defects += [
+        Defect(path, f"has no transformed copy in {AUGM_SPLIT}", r, "id") for r, path in test.items() if r not in augm
+    ]
+    return defects
+
+
+def _count_defects(d3_dir: Path, checks: list[ShardCheck]) -> list[Defect]:
+    """Row counts against the dataset card and the stats files of assemble and transform-test."""
+    defects = []
+    rows = {str(Path(c.path).resolve()): c.rows for c in checks}
+    per_split: dict[str, int] = {}
+    for check in checks:
+        per_split[check.group] = per_split.get(check.group, 0) + check.rows
+    card = d3_dir / "README.md"
+    if card.is_file():
+        try:
+            declared = card_split_counts(card)
+        except Exception as exc:  # noqa: BLE001 - an unparsable card is a defect
+            return [Defect(str(card), f"dataset card does not parse: {exc}")]
+        for split in sorted(set(declared) | {g for g in per_split if not g.startswith("extended/")}):
+            if declared.get(split) != per_split.get(split):
+                defects.append(
+                    Defect(
+                        str(card),
+                        f"split {split!r}: card says {declared.get(split)} records, shards hold {per_split.get(split)}",
+                    )
+                )
+    root = d3_dir.parent
+    covered: set[str] = set()
+    for stage in ("assemble", "transform_test"):
+        for stats_path in sorted((root / "stats" / stage).glob("[0-9]*.json")):
+            stats = json.loads(stats_path.read_text())
+            written = stats.get("written", {})
+            written = written if isinstance(written, dict) else dict.fromkeys(stats.get("outputs", {}), written)
+            for split, relative in stats.get("outputs", {}).items():
+                target = str((root / relative).resolve())
+                covered.add(target)
+                if target not in rows:
+                    defects.append(Defect(str(root / relative), f"shard missing, though {stats_path} names it"))
+                elif rows[target] != written.get(split):
+                    defects.append(
+                        Defect(
+                            str(root / relative),
+                            f"{stats_path} says {written.get(split)} records, the shard holds {rows[target]}",
+                        )
+                    )
+    if (root / "stats" / "assemble").is_dir():
+        for check in checks:
+            if (
+                check.group not in ("data",)
+                and not check.group.startswith("extended/")
+                and str(Path(check.path).resolve()) not in covered
+            ):
+                defects.append(Defect(check.path, "no stats file names this shard (unit unfinished?)"))
+    return defects
+
+
+def validate_dataset(data_dir: str | Path, workers: int = 1, progress: bool = True) -> ValidationReport:
+    """Validate a dataset folder (d3/, or the output root holding d3/ and optionally extended/)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: no such dataset folder")
+    d3_dir, groups = find_shards(data_dir)
+    report = ValidationReport(data_dir)
+    jobs = [(str(path), group) for group, paths in groups.items() for path in paths]
+    if not jobs:
+        report.defects.append(Defect(str(d3_dir), "no Parquet shards found"))
+        return report
+    checks = list(
+        tqdm(_run_checks(jobs, workers), total=len(jobs), desc="validate", unit="shard", disable=not progress)
+    )
+    report.defects = [d for c in checks for d in c.defects]
+    report.defects += _cross_shard_defects(checks) + _augm_pairing_defects(checks) + _count_defects(d3_dir, checks)
+    group_of = {c.path: c.group for c in checks}
+    for check in checks:
+        summary = report.groups.setdefault(check.group, GroupSummary())
+        summary.shards += 1
+        summary.records += check.rows
+        summary.images += check.images
+    for defect in report.defects:
+        if defect.file in group_of:
+            report.groups[group_of[defect.file]].defects += 1
+    return report
+
+
+def _run_checks(jobs: list[tuple[str, str]], workers: int) -> Iterable[ShardCheck]:
+    if workers <= 1:
+        return (check_shard(path, group) for path, group in jobs)
+    executor = ProcessPoolExecutor(max_workers=workers)
+    paths, groups = zip(*jobs, strict=True)
+    return _closing(executor, executor.map(check_shard, paths, groups))
+
+
+def _closing(executor: ProcessPoolExecutor, results: Iterable[ShardCheck]) -> Iterable[ShardCheck]:
+    with executor:
+        yield from results
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        report = validate_dataset(args.data, workers=args.workers)
+    except FileNotFoundError as exc:
+        print(f"d3builder validate: {exc}", file=sys.stderr)
+        return 2
+    print(report.table())
+    for defect in report.defects:
+        print(f"DEFECT {defect}")
+    print("OK: no defect" if report.ok else f"FAILED: {len(report.defects)} defect(s)")
+    return 0 if report.ok else 1
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `d3builder validate`."""
+    parser = subparsers.add_parser(
+        "validate",
+        help="check a finished dataset folder (schemas, counts, pairing, decoding, duplicate ids, leaks)",
+        description="Check every shard of a dataset folder (d3/, or the output root holding d3/ and extended/); "
+        "prints a summary table and each defect (file, record, column); exits 1 on any defect.",
+    )
+    parser.add_argument("data", help="the d3/ folder, or the output root that holds it")
+    parser.add_argument("--workers", type=int, default=1, help="processes checking shards in parallel")
+    parser.set_defaults(func=_run)
