@@ -1,0 +1,323 @@
+"""Runtime API of the generate stage: load a registry entry as a diffusers pipeline and render batches."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import diffusers
+import numpy as np
+import torch
+import transformers
+from diffusers.utils import deprecation_utils, is_bs4_available, is_ftfy_available
+from PIL import Image, ImageOps
+
+from d3builder.registry import TINY_SCHEME, GeneratorEntry, StageEntry
+from d3builder.tiny_models import TINY_VERSION, tiny_model_path
+
+NAN_OUTPUT = "nan_output"
+MAX_ERROR_CHARS = 500
+SEED_RANGE = 2**32  # seeds stay in uint32 so that every RNG (torch, numpy) accepts them
+# Pipelines whose "pt" output is the raw [-1, 1] sample and whose image input is taken as [-1, 1] as is
+# (others postprocess "pt" output to [0, 1] and expect [0, 1] image tensors).
+RAW_RANGE_PIPELINES = ("IFPipeline", "IFSuperResolutionPipeline")
+# diffusers renamed from_pretrained's `torch_dtype` to `dtype`; older releases only know the former.
+DTYPE_ARG = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def _digest(*parts: object) -> int:
+    """Stable 256-bit integer hash of the parts (never Python's salted hash())."""
+    text = "\x1f".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest(), "big")
+
+
+def seed_for(record_id: str, generator_name: str, global_seed: int) -> int:
+    """Seed of one (record, generator) pair, in [0, 2**32)."""
+    return _digest("seed", global_seed, generator_name, record_id) % SEED_RANGE
+
+
+def size_for(record_id: str, generator_name: str, global_seed: int,
+             sizes: tuple[tuple[int, int], ...] | list[tuple[int, int]]) -> tuple[int, int]:
+    """Output (width, height) of one (record, generator) pair, drawn uniformly from `sizes`."""
+    if not sizes:
+        raise ValueError("sizes must not be empty")
+    width, height = sizes[_digest("size", global_seed, generator_name, record_id) % len(sizes)]
+    return int(width), int(height)
+
+
+def resolve_model_path(entry: GeneratorEntry | StageEntry) -> str:
+    """Where from_pretrained loads the entry: the built tiny twin's folder, or the hub id / local path."""
+    if entry.model.startswith(TINY_SCHEME):
+        return str(tiny_model_path(entry.model[len(TINY_SCHEME):]))
+    return entry.model
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One rendered image (RGB, exactly width x height) or the reason it failed."""
+
+    seed: int
+    width: int
+    height: int
+    image: Image.Image | None = None
+    error: str | None = None
+    resized_from: tuple[int, int] | None = None  # the pipeline's native (width, height) when it differed
+    stages_run: int = 1  # pipelines run for this image (base + cascade stages)
+
+    @property
+    def ok(self) -> bool:
+        """True when an image was produced."""
+        return self.error is None
+
+
+def _accepts(pipe: Any, name: str) -> bool:
+    """Whether the pipeline's __call__ takes argument `name` explicitly."""
+    return name in inspect.signature(type(pipe).__call__).parameters
+
+
+def _denoiser_name(pipe: Any) -> str | None:
+    """Attribute holding the pipeline's denoising network ("unet" or "transformer")."""
+    for name in ("unet", "transformer"):
+        if getattr(pipe, name, None) is not None:
+            return name
+    return None
+
+
+def _as_dtype(value: str | torch.dtype) -> torch.dtype:
+    """torch dtype from its registry name (or a dtype)."""
+    if isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, value, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype '{value}'")
+    return dtype
+
+
+def _load_pipeline(spec: GeneratorEntry | StageEntry, dtype: torch.dtype, shared: dict[str, Any]) -> Any:
+    """from_pretrained with safety checker and watermarks off; the same call for tiny twins and real models."""
+    cls = getattr(diffusers, spec.pipeline)
+    init = inspect.signature(cls.__init__).parameters
+    kwargs: dict[str, Any] = {DTYPE_ARG: dtype, **shared}
+    if spec.revision is not None and not spec.model.startswith(TINY_SCHEME):
+        kwargs["revision"] = spec.revision
+    if spec.variant is not None:
+        kwargs["variant"] = spec.variant
+    for off in ("safety_checker", "feature_extractor", "watermarker"):
+        if off in init:
+            kwargs[off] = None
+    if "requires_safety_checker" in init:
+        kwargs["requires_safety_checker"] = False
+    if "add_watermarker" in init:
+        kwargs["add_watermarker"] = False
+    if spec.call_kwargs.get("clean_caption") and not (is_bs4_available() and is_ftfy_available()):
+        raise RuntimeError(f"{spec.model}: clean_caption=true needs beautifulsoup4 and ftfy installed "
+                           "(diffusers would silently skip caption cleaning)")
+    pipe = cls.from_pretrained(resolve_model_path(spec), **kwargs)
+    denoiser = _denoiser_name(pipe)
+    if denoiser is not None and getattr(pipe, denoiser).dtype != dtype:
+        raise RuntimeError(f"{spec.model}: {denoiser} loaded as {getattr(pipe, denoiser).dtype}, expected {dtype}")
+    for attr in ("safety_checker", "watermarker", "watermark"):
+        if getattr(pipe, attr, None) is not None:
+            setattr(pipe, attr, None)
+    if spec.scheduler is not None:
+        pipe.scheduler = getattr(diffusers, spec.scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tune(pipe: Any, *, sdpa: bool, compile: bool, channels_last: bool, vae_slicing: bool,
+          vae_tiling: bool) -> dict[str, bool]:
+    """Apply the speed switches to one pipeline and return which ones took effect."""
+    denoiser_name = _denoiser_name(pipe)
+    denoiser = getattr(pipe, denoiser_name) if denoiser_name else None
+    vae = getattr(pipe, "vae", None)
+    applied = {"sdpa": sdpa, "compile": False, "channels_last": False, "vae_slicing": False, "vae_tiling": False}
+    if not sdpa:  # diffusers defaults to torch's scaled_dot_product_attention; fall back to the classic path
+        for module in (denoiser, vae):
+            if module is not None and hasattr(module, "set_default_attn_processor"):
+                module.set_default_attn_processor()
+    if channels_last:
+        for module in (getattr(pipe, "unet", None), vae):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+                applied["channels_last"] = True
+    if vae is not None and vae_slicing:
+        vae.enable_slicing()
+        applied["vae_slicing"] = True
+    if vae is not None and vae_tiling:
+        vae.enable_tiling()
+        applied["vae_tiling"] = True
+    if compile and denoiser_name is not None:
+        setattr(pipe, denoiser_name, torch.compile(denoiser))
+        applied["compile"] = True
+    return applied
+
+
+def _canonical(pipe: Any, images: torch.Tensor) -> torch.Tensor:
+    """A stage's "pt" output as float in [0, 1]."""
+    if type(pipe).__name__ in RAW_RANGE_PIPELINES:
+        images = images / 2 + 0.5
+    return images.clamp(0, 1)
+
+
+def _stage_input(pipe: Any, images01: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] mapped to the range the next stage expects ([-1, 1] for IF, else [0, 1])."""
+    if type(pipe).__name__ in RAW_RANGE_PIPELINES:
+        return images01 * 2 - 1
+    return images01
+
+
+def _short(exc: BaseException) -> str:
+    """One-line reason for a failed batch."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text[:MAX_ERROR_CHARS]
+
+
+def _to_pil(array: np.ndarray) -> Image.Image | None:
+    """float HWC [0, 1] -> RGB PIL image, or None for NaN/inf or all-black output."""
+    if not np.isfinite(array).all():
+        return None
+    pixels = (array.clip(0, 1) * 255).round().astype(np.uint8)
+    if not pixels.any():
+        return None
+    if pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    return Image.fromarray(pixels[..., :3], mode="RGB")
+
+
+@dataclass
+class LoadedGenerator:
+    """A registry entry loaded on a device: the base pipeline plus its cascade stages."""
+
+    entry: GeneratorEntry
+    pipe: Any
+    stages: list[Any]
+    device: torch.device
+    dtype: torch.dtype
+    switches: dict[str, bool] = field(default_factory=dict)
+
+    def _call(self, pipe: Any, spec: GeneratorEntry | StageEntry, prompts: list[str], negatives: list[str],
+              generators: list[torch.Generator], output_type: str, **extra: Any) -> Any:
+        """Run one pipeline on the batch with the entry's sampling settings."""
+        kwargs: dict[str, Any] = {
+            "prompt": prompts, "num_inference_steps": spec.steps, "guidance_scale": spec.guidance,
+            "generator": generators, "output_type": output_type, **spec.call_kwargs, **extra,
+        }
+        if _accepts(pipe, "negative_prompt"):
+            kwargs["negative_prompt"] = negatives
+        return pipe(**kwargs).images
+
+    def _render(self, prompts: list[str], negatives: list[str], width: int, height: int,
+                seeds: list[int]) -> tuple[np.ndarray, int]:
+        """Run the cascade; return float NHWC images in [0, 1] and the number of pipelines run."""
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        base_w, base_h = self.entry.native_size or (width, height)
+        todo = [(self.pipe, self.entry, {"width": base_w, "height": base_h})]
+        size = (base_w, base_h)
+        for pipe, spec in zip(self.stages, self.entry.stages, strict=True):
+            if size[0] >= width and size[1] >= height:
+                break  # the cascade already reached the target size
+            size = (size[0] * spec.upscale, size[1] * spec.upscale)
+            todo.append((pipe, spec, {"width": size[0], "height": size[1]}))
+        images: torch.Tensor | None = None
+        for index, (pipe, spec, dims) in enumerate(todo):
+            last = index == len(todo) - 1
+            extra = {k: v for k, v in dims.items() if _accepts(pipe, k)}
+            if images is not None:
+                extra["image"] = _stage_input(pipe, images)
+            out = self._call(pipe, spec, prompts, negatives, generators, "np" if last else "pt", **extra)
+            if not last:
+                images = _canonical(pipe, out)
+        return np.asarray(out, dtype=np.float32), len(todo)
+
+    def generate(self, prompts: list[str], negative_prompts: list[str], width: int, height: int,
+                 seeds: list[int]) -> list[GenerationResult]:
+        """Render one batch at one size; image i depends only on (prompts[i], negative_prompts[i], seeds[i])."""
+        if not (len(prompts) == len(negative_prompts) == len(seeds)) or not prompts:
+            raise ValueError(f"need equal, non-zero numbers of prompts ({len(prompts)}), negative prompts "
+                             f"({len(negative_prompts)}) and seeds ({len(seeds)})")
+        if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63 for s in seeds):
+            raise ValueError(f"seeds must be integers in [0, 2**63), got {seeds}")
+        try:
+            arrays, stages_run = self._render(list(prompts), list(negative_prompts), width, height, seeds)
+        except Exception as exc:  # a failed batch is recorded per image; the caller goes on with the next one
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return [GenerationResult(seed=s, width=width, height=height, error=_short(exc)) for s in seeds]
+        results = []
+        for seed, array in zip(seeds, arrays, strict=True):
+            image = _to_pil(array)
+            if image is None:
+                results.append(GenerationResult(seed=seed, width=width, height=height, error=NAN_OUTPUT,
+                                                stages_run=stages_run))
+                continue
+            native = image.size
+            if native != (width, height):
+                image = ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+            results.append(GenerationResult(
+                seed=seed, width=width, height=height, image=image, stages_run=stages_run,
+                resized_from=native if native != (width, height) else None,
+            ))
+        return results
+
+    def provenance(self) -> dict[str, Any]:
+        """JSON-able description of how images are made: model, revision, sampler and the switches."""
+        return {
+            "generator": self.entry.name,
+            **_spec_provenance(self.entry, self.pipe),
+            "native_size": list(self.entry.native_size) if self.entry.native_size else None,
+            "stages": [{**_spec_provenance(spec, pipe), "upscale": spec.upscale}
+                       for spec, pipe in zip(self.entry.stages, self.stages, strict=True)],
+            "safety_checker": False,
+            "watermark": False,
+            "generator_device": "cpu",
+            "resize": "centre crop to the target aspect + LANCZOS, only where the native size differs",
+            **self.switches,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        }
+
+
+def _spec_provenance(spec: GeneratorEntry | StageEntry, pipe: Any) -> dict[str, Any]:
+    """Provenance fields shared by the base pipeline and each stage."""
+    tiny = spec.model.startswith(TINY_SCHEME)
+    return {
+        "pipeline": spec.pipeline,
+        "model": spec.model,
+        "revision": f"tiny-{TINY_VERSION}" if tiny else spec.revision,
+        "variant": spec.variant,
+        "scheduler": type(pipe.scheduler).__name__,
+        "scheduler_config": {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},
+        "steps": spec.steps,
+        "guidance": spec.guidance,
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "negative_prompt": _accepts(pipe, "negative_prompt"),
+        "call_kwargs": dict(spec.call_kwargs),
+    }
+
+
+def load_generator(entry: GeneratorEntry, device: str | torch.device, *, dtype: str | torch.dtype | None = None,
+                   sdpa: bool = True, compile: bool = False, channels_last: bool = False,
+                   vae_slicing: bool = False, vae_tiling: bool = False) -> LoadedGenerator:
+    """Load an entry (base pipeline + cascade stages) on `device`; `dtype` overrides the entry's dtypes."""
+    device = torch.device(device)
+    base_dtype = _as_dtype(dtype or entry.dtype)
+    options = {"sdpa": sdpa, "compile": compile, "channels_last": channels_last,
+               "vae_slicing": vae_slicing, "vae_tiling": vae_tiling}
+    pipe = _load_pipeline(entry, base_dtype, {}).to(device)
+    switches = _tune(pipe, **options)
+    stages = []
+    for spec in entry.stages:
+        missing = [n for n in spec.share_components if getattr(pipe, n, None) is None]
+        if missing:
+            raise ValueError(f"{entry.source}: entry '{entry.name}': stage {spec.pipeline} shares "
+                             f"{missing}, which the base pipeline lacks")
+        shared = {n: getattr(pipe, n) for n in spec.share_components}
+        stage = _load_pipeline(spec, _as_dtype(dtype or spec.dtype), shared).to(device)
+        _tune(stage, **options)
+        stages.append(stage)
+    return LoadedGenerator(entry=entry, pipe=pipe, stages=stages, device=device, dtype=base_dtype,
+                           switches=switches)
