@@ -10,6 +10,9 @@ import sys
 from d3builder.yamlconfig import ConfigError
 
 COMMAND_MODULES: list[str] = [
+    "codetrain.evaluate",
+    "codetrain.detect",
+    "codetrain.bundle",
 ]
 """Modules that each define `add_parser(subparsers)`; their order is the order in `--help`."""
 

@@ -1,0 +1,170 @@
+"""Export a run for deployment: the embedder as ONNX (checked against onnxruntime) and a self-contained bundle.
+
+A bundle folder holds model.safetensors, model.onnx, classifiers/ (skops files and
+classifiers.json), config.json (embedder config, classifier thresholds, the
+preprocessing, ONNX input/output names, file hashes) and, when the run has one, the
+training config as train_config.yaml. `codetrain detect --run BUNDLE` loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from codetrain.detect import PREPROCESSING
+from codetrain.embed import model_fingerprint
+from codetrain.evaluate import CLASSIFIERS_DIR, MANIFEST, MODEL_FILE, load_fitted_classifiers
+from codetrain.model import CoDEEmbedder, load_embedder
+from d3builder.layout import safe_name
+from d3builder.shards import atomic_write_bytes, atomic_write_json
+
+BUNDLE_FORMAT = "codetrain.bundle/1"
+ONNX_FILE = "model.onnx"
+INPUT_NAME, OUTPUT_NAME = "image", "embedding"
+DEFAULT_OPSET = 17
+ONNX_ATOL = 1e-4
+"""Largest allowed |onnxruntime - torch| difference of any embedding component."""
+
+
+def _weights(run_or_file: str | Path) -> Path:
+    """The model.safetensors of a run folder, or the file itself."""
+    path = Path(run_or_file)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
+def to_onnx_bytes(model: CoDEEmbedder, opset: int = DEFAULT_OPSET) -> bytes:
+    """Trace the embedder at its image size with a dynamic batch axis and return the ONNX model.
+
+    Uses the TorchScript exporter (`dynamo=False`): the torch.export-based one needs
+    onnxscript, which the toolkit does not depend on.
+    """
+    buffer = io.BytesIO()
+    dummy = torch.zeros(1, 3, model.img_size, model.img_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and legacy-exporter notices about the fixed image size
+        torch.onnx.export(
+            model.eval().cpu(), (dummy,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset, dynamo=False,
+        )
+    return buffer.getvalue()
+
+
+def check_onnx(model: CoDEEmbedder, onnx_path: str | Path, atol: float = ONNX_ATOL, batch: int = 3) -> float:
+    """Run torch and onnxruntime on the same random batch; returns the max difference, ValueError above `atol`."""
+    x = torch.randn(batch, 3, model.img_size, model.img_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model.eval().cpu()(x).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    diff = float(np.abs(got - expected).max())
+    if got.shape != expected.shape or not diff <= atol:
+        raise ValueError(f"{onnx_path}: onnxruntime output {got.shape} differs from torch {expected.shape} by {diff:.3g} > {atol}")
+    return diff
+
+
+def export_onnx(run_dir: str | Path, path: str | Path, opset: int = DEFAULT_OPSET, atol: float = ONNX_ATOL) -> Path:
+    """Export a run's embedder (RUN/model.safetensors, or that file) to ONNX at `path`, checked against onnxruntime."""
+    model = load_embedder(_weights(run_dir))
+    path = atomic_write_bytes(path, to_onnx_bytes(model, opset))
+    check_onnx(model, path, atol)
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_bundle(
+    run_dir: str | Path, out_dir: str | Path, eval_dir: str | Path | None = None, overwrite: bool = False, opset: int = DEFAULT_OPSET
+) -> Path:
+    """Assemble a bundle from a run and its fitted classifiers (EVAL/classifiers, default RUN/eval).
+
+    The bundle is built in a temporary sibling folder and renamed into place, so
+    `out_dir` is either the complete bundle or untouched.
+    """
+    run, out = Path(run_dir), Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (use overwrite / --force to replace it)")
+    model = load_embedder(_weights(run))
+    fingerprint = model_fingerprint(model)
+    source = Path(eval_dir or run / "eval") / CLASSIFIERS_DIR
+    load_fitted_classifiers(source, None, fingerprint)  # refuses missing, foreign or stale classifiers
+    manifest = json.loads((source / MANIFEST).read_text(encoding="utf-8"))
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / CLASSIFIERS_DIR).mkdir(parents=True)
+    try:
+        shutil.copyfile(_weights(run), tmp / MODEL_FILE)
+        atomic_write_bytes(tmp / ONNX_FILE, to_onnx_bytes(model, opset))
+        diff = check_onnx(model, tmp / ONNX_FILE)
+        for name in [MANIFEST, *(safe_name(c["file"], "classifier file") for c in manifest["classifiers"].values())]:
+            shutil.copyfile(source / name, tmp / CLASSIFIERS_DIR / name)
+        if (run / "config.yaml").is_file():
+            shutil.copyfile(run / "config.yaml", tmp / "train_config.yaml")
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        atomic_write_json(tmp / "config.json", _config(model, fingerprint, manifest, diff, opset, files, tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _config(model: CoDEEmbedder, fingerprint: str, manifest: dict, diff: float, opset: int, files: list[Path], root: Path) -> dict[str, Any]:
+    """config.json of a bundle."""
+    return {
+        "format": BUNDLE_FORMAT,
+        "embedder": model.config(),
+        "embedder_sha256": fingerprint,
+        "classifiers": manifest,
+        "preprocessing": PREPROCESSING,
+        "onnx": {
+            "file": ONNX_FILE, "input": INPUT_NAME, "output": OUTPUT_NAME, "opset": opset,
+            "input_shape": ["batch", 3, model.img_size, model.img_size], "output_shape": ["batch", model.embed_dim],
+            "max_abs_diff_vs_torch": diff,
+        },
+        "files": {p.relative_to(root).as_posix(): sha256_file(p) for p in files},
+        "usage": "codetrain detect --run BUNDLE IMAGES_OR_FOLDERS... [--classifier linear]",
+    }
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `codetrain export`."""
+    parser = subparsers.add_parser(
+        "export",
+        help="export a run as ONNX plus a detection bundle (weights, classifiers, preprocessing)",
+        description="Write BUNDLE with model.safetensors, model.onnx (checked against onnxruntime), classifiers/ and "
+        "config.json; `codetrain detect --run BUNDLE` loads it.",
+    )
+    parser.add_argument("--run", required=True, type=Path, help="run folder (model.safetensors, eval/classifiers)")
+    parser.add_argument("--out", required=True, type=Path, help="bundle folder to create")
+    parser.add_argument("--eval-dir", type=Path, help="evaluation folder holding classifiers/ (default RUN/eval)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run `codetrain export`."""
+    out = make_bundle(args.run, args.out, args.eval_dir, args.force, args.opset)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    print(f"bundle written to {out}: {', '.join(sorted(config['files']))} "
+          f"(ONNX max |diff| vs torch {config['onnx']['max_abs_diff_vs_torch']:.2g})")
+    return 0

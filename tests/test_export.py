@@ -1,0 +1,107 @@
+"""Tests for `codetrain export`: ONNX export checked against onnxruntime, and the detection bundle round trip."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from test_detect import GOOD, fit_run, write_images
+
+from codetrain.bundle import check_onnx, export_onnx, make_bundle
+from codetrain.cli import main
+from codetrain.detect import detect, load_detector
+from codetrain.embed import open_image_file
+from codetrain.model import create_embedder, load_embedder, save_weights
+from codetrain.views import eval_transform
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A run with fitted classifiers, its training config, and a folder of images."""
+    root = tmp_path_factory.mktemp("export")
+    fit_run(root / "run")
+    (root / "run" / "config.yaml").write_text("model: test_vit\n")
+    write_images(root / "images")
+    return {"root": root, "run": root / "run", "images": root / "images"}
+
+
+@pytest.fixture(scope="module")
+def bundle(setup: dict[str, Path]) -> Path:
+    """The bundle of the fixture run."""
+    return make_bundle(setup["run"], setup["root"] / "bundle")
+
+
+@pytest.mark.slow
+def test_onnx_export_of_vit_tiny_matches_torch_with_dynamic_batch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_embedder().eval()
+    save_weights(model, tmp_path / "run" / "model.safetensors")
+    path = export_onnx(tmp_path / "run", tmp_path / "vit.onnx")
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].name == "image" and graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 224, 224)
+        with torch.inference_mode():
+            expected = model(x).numpy()
+        got = session.run(["embedding"], {"image": x.numpy()})[0]
+        assert got.shape == (batch, 192)
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+    with pytest.raises(ValueError, match="differs from torch"):
+        check_onnx(create_embedder().eval(), path)
+
+
+def test_bundle_holds_everything_and_detects_like_the_run(setup: dict[str, Path], bundle: Path) -> None:
+    names = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+    assert names == ["classifiers/classifiers.json", "classifiers/knn.skops", "classifiers/linear.skops", "classifiers/ocsvm.skops",
+                     "config.json", "model.onnx", "model.safetensors", "train_config.yaml"]
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["format"] == "codetrain.bundle/1" and config["embedder"]["model_name"] == "test_vit"
+    assert config["preprocessing"]["resize_shorter_side"] == 248 and config["preprocessing"]["center_crop"] == 224
+    assert config["onnx"]["max_abs_diff_vs_torch"] <= 1e-4
+    assert set(config["classifiers"]["classifiers"]) == {"linear", "knn", "ocsvm"}
+    for name, digest in config["files"].items():
+        assert hashlib.sha256((bundle / name).read_bytes()).hexdigest() == digest
+    from_run = detect(setup["run"], [setup["images"]])
+    from_bundle = detect(bundle, [setup["images"]])
+    assert [d.path for d in from_bundle.detections] == [d.path for d in from_run.detections]
+    np.testing.assert_allclose([d.score for d in from_bundle.detections], [d.score for d in from_run.detections], rtol=1e-6)
+    assert len(from_bundle.detections) == len(GOOD) and len(from_bundle.unreadable) == 2
+
+
+def test_bundle_onnx_alone_reproduces_the_scores(setup: dict[str, Path], bundle: Path) -> None:
+    _, clf = load_detector(bundle, "linear")
+    x = torch.stack([eval_transform(open_image_file(setup["images"] / name)) for name in GOOD]).numpy()
+    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    emb = session.run(["embedding"], {"image": x})[0]
+    expected = detect(bundle, [setup["images"] / name for name in GOOD])
+    np.testing.assert_allclose(clf.score(emb), [d.score for d in expected.detections], rtol=1e-3, atol=1e-4)
+
+
+def test_bundle_refusals_and_overwrite(setup: dict[str, Path], tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    save_weights(create_embedder("test_vit"), bare / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="codetrain evaluate"):
+        make_bundle(bare, tmp_path / "b1")
+    assert not (tmp_path / "b1").exists() and not list(tmp_path.glob(".b1*"))
+    target = tmp_path / "b2"
+    make_bundle(setup["run"], target)
+    with pytest.raises(FileExistsError):
+        make_bundle(setup["run"], target)
+    (target / "model.onnx").unlink()
+    assert make_bundle(setup["run"], target, overwrite=True) == target
+    assert (target / "model.onnx").is_file()
+    assert load_embedder(target / "model.safetensors").embed_dim == 64
+
+
+def test_cli_export(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out = setup["root"] / "cli-bundle"
+    assert main(["export", "--run", str(setup["run"]), "--out", str(out)]) == 0
+    assert "model.onnx" in capsys.readouterr().out
+    assert (out / "model.onnx").is_file() and (out / "classifiers" / "linear.skops").is_file()
