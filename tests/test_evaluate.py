@@ -18,6 +18,7 @@ from codetrain.embed import Embeddings, embed_shards, embed_shards_cached, model
 from codetrain.evaluate import EvaluationResult, evaluate, load_fitted_classifiers
 from codetrain.metrics import evaluate_predictions
 from codetrain.model import create_embedder, load_embedder, save_weights
+from codetrain.report import embedding_map, plot_embedding_map
 from codetrain.robustness import perturb, validate_levels
 from d3builder.schema import d3_features
 from d3builder.shards import image_cell, write_shard
@@ -239,3 +240,16 @@ def test_perturbations_and_level_checks() -> None:
         validate_levels({"crop": (1.5,)})
     with pytest.raises(ValueError, match="unknown robustness family"):
         validate_levels({"rotate": (1,)})
+
+
+def test_embedding_maps_pca_and_tsne(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    emb = Embeddings(rng.normal(size=(30, 8)).astype(np.float32), np.repeat([0, 1], 15), ["real"] * 15 + ["g"] * 15, [str(i) for i in range(30)])
+    for method in ("pca", "tsne"):
+        coords, index = embedding_map(emb, method)
+        assert coords.shape == (30, 2) and np.isfinite(coords).all() and list(index) == list(range(30))
+    png = plot_embedding_map(emb, "t-SNE", tmp_path / "map.png", "tsne")
+    with Image.open(png) as img:
+        assert img.format == "PNG"
+    with pytest.raises(ValueError, match="pca or tsne"):
+        embedding_map(emb, "umap")
