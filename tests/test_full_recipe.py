@@ -1,0 +1,73 @@
+"""The full D3 recipe's dry run: the plan and the commands, nothing run."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from d3builder.manifest import load_manifest
+from d3builder.plan import load_throughput, make_plan
+from d3builder.yamlconfig import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_recipe(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Run pipelines/full_d3.py as a script with `args`; returns its exit code and stdout."""
+    argv = sys.argv
+    sys.argv = ["full_d3.py", *args]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(ROOT / "pipelines" / "full_d3.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    return exit_info.value.code, capsys.readouterr().out
+
+
+def test_dry_run_prints_the_plan_and_every_stage_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_recipe(["--dry-run", "--output-root", str(tmp_path / "d3")], capsys)
+    assert code == 0
+    assert "3,100,000 records" in out and "620 shards" in out
+    for name in ("deepfloyd-if", "sd14", "sd21", "sdxl"):
+        assert f"| generate {name} | 620 | 2,232,000 |" in out
+        assert f"-m d3builder generate --manifest" in out and f"--generator {name}" in out
+    assert "| **total** |" in out
+    assert not list(tmp_path.iterdir()), "a dry run must not write anything"
+
+
+def test_plan_hours_follow_the_throughput_table(tmp_path: Path) -> None:
+    manifest = load_manifest(ROOT / "manifests" / "d3.yaml", output_root=tmp_path)
+    table = load_throughput(ROOT / "manifests" / "throughput-h100.yaml")
+    plan = make_plan(manifest, table)
+    hours = {s.stage: s.gpu_hours for s in plan.stages}
+    reals = plan.expected_reals
+    assert hours["generate sd14"] == pytest.approx(reals * table.generators["sd14"].seconds_per_image / 3600)
+    table.generators["sd14"].seconds_per_image *= 2
+    assert make_plan(manifest, table).gpu_hours == pytest.approx(plan.gpu_hours + hours["generate sd14"])
+
+
+def test_plan_uses_the_selected_count_once_select_ran(tmp_path: Path) -> None:
+    from d3builder.select import select_records
+
+    from d3builder.embedded import embedded_server
+
+    manifest = load_manifest(ROOT / "manifests" / "tiny.yaml", output_root=tmp_path)
+    with embedded_server() as base_url:
+        stats = select_records(manifest, embedded_base_url=base_url, progress=False)
+    table_file = tmp_path / "throughput.yaml"
+    table_file.write_text(
+        "gpu: test\ngenerators:\n" + "".join(f"  {g}: {{seconds_per_image: 0.1}}\n" for g in manifest.generators)
+    )
+    plan = make_plan(manifest, load_throughput(table_file))
+    assert plan.records == stats.kept and plan.records_source == "selected"
+    assert plan.shards == -(-stats.kept // manifest.shard_size)
+
+
+def test_bad_throughput_table_names_file_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "t.yaml"
+    bad.write_text("gpu: x\ngenerators: {sd14: {seconds_per_image: fast}}\n")
+    with pytest.raises(ConfigError, match="generators.sd14.seconds_per_image"):
+        load_throughput(bad)
