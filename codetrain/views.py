@@ -1,0 +1,221 @@
+"""The eight CoDE training views of a (real, fake) pair and the evaluation transform.
+
+Every view's randomness (augmentation ops, crop boxes) is drawn from the record's RNG on the
+images' original sizes before any pixel is decoded, so an encoded image is decoded once, in
+JPEG draft mode at the smallest scale that still gives every view at least its output
+resolution. Resizes run on uint8 tensors with torch's antialiased bilinear kernel (the same
+filter as Pillow's, about four times faster) on the decoded pixels shared with Pillow through
+Arrow (RGBX, no copy); a crop is a slice, so crop-then-resize is one interpolation of just the
+crop. Augmentation ops run on PIL images (`codetrain.augmentations`).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from codetrain.augmentations import Op, apply_ops, draw_ops, to_rgb
+
+EVAL_SIZE = 224
+RESIZE_RATIO = 248 / 224
+"""Clean views resize the shorter side to 248 before the 224 centre crop."""
+GLOBAL_SCALE = (0.4, 1.0)
+LOCAL_SCALE = (0.05, 0.4)
+RATIO = (3 / 4, 4 / 3)
+POINTWISE = frozenset({"brightness", "contrast", "saturation", "grayscale", "hflip", "opacity"})
+"""Ops that commute with resizing (per pixel, mirror, or a global mean): applied after the 248 resize."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""timm's IMAGENET_DEFAULT_MEAN/STD, copied so loader workers need not import timm (a test checks they agree)."""
+VIEW_KEYS = ("x_r", "x_f", "a_r", "a_f", "g_r", "g_f", "l_r", "l_f")
+
+_MEAN = (np.array(IMAGENET_MEAN, np.float32) * 255).reshape(3, 1, 1)
+_INV_STD = (1 / (np.array(IMAGENET_STD, np.float32) * 255)).reshape(3, 1, 1)
+
+Box = tuple[int, int, int, int]
+"""A crop (left, top, width, height) in the image's original pixels."""
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch ops on one thread (as in DataLoader workers): small per-image ops only lose from threading."""
+    threads = torch.get_num_threads()
+    if threads != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)
+
+
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a uint8 [C,H,W] tensor: C = 4 (RGBX, Pillow's own memory, no copy) or 3 (a copy)."""
+    try:
+        pixels = pa.array(img).values.to_numpy(zero_copy_only=True).reshape(img.height, img.width, 4)
+    except (ValueError, TypeError, pa.ArrowException):  # e.g. an image too big for one memory block
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+    with warnings.catch_warnings():  # read-only memory: the views only ever read it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def normalise(x: torch.Tensor, out: np.ndarray | None = None) -> torch.Tensor:
+    """uint8 [C,H,W] (RGB first) to float32 [3,H,W], ImageNet mean/std normalised (into `out` if given)."""
+    out = np.empty((3, *x.shape[1:]), np.float32) if out is None else out
+    np.subtract(x[:3].numpy(), _MEAN, out=out, dtype=np.float32)
+    out *= _INV_STD
+    return torch.from_numpy(out)
+
+
+def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bilinear resize of a uint8 [3,H,W] tensor (Pillow's BILINEAR filter)."""
+    if tuple(x.shape[1:]) == (height, width):
+        return x
+    return F.interpolate(x[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def resize_short(x: torch.Tensor, short: int) -> torch.Tensor:
+    """Resize so the shorter side is `short`, keeping the aspect ratio (torchvision's `Resize(short)` sizes)."""
+    h, w = x.shape[1:]
+    long = max(1, int(short * max(h, w) / min(h, w)))
+    return resize(x, short, long) if h <= w else resize(x, long, short)
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The central `size` x `size` square (torchvision's rounding); the input is at least that big."""
+    h, w = x.shape[1:]
+    top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
+    return x[:, top : top + size, left : left + size]
+
+
+def eval_transform(img: Image.Image, size: int = EVAL_SIZE) -> torch.Tensor:
+    """Resize the shorter side to 248, centre-crop 224, normalise: [3,224,224] (training's clean view)."""
+    with single_thread():
+        return normalise(center_crop(resize_short(to_uint8(to_rgb(img)), round(size * RESIZE_RATIO)), size))
+
+
+def random_resized_crop_box(size: tuple[int, int], scale: tuple[float, float], rng: np.random.Generator) -> Box:
+    """torchvision's RandomResizedCrop box (area `scale`, ratio 3/4-4/3, 10 tries, centre fallback) from `rng`."""
+    width, height = size
+    area = width * height
+    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    ratio = width / height
+    if ratio < RATIO[0]:
+        w, h = width, round(width / RATIO[0])
+    elif ratio > RATIO[1]:
+        w, h = round(height * RATIO[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+@dataclass
+class ViewPlan:
+    """The random choices of one image's views, drawn on its original size."""
+
+    size: tuple[int, int]
+    ops: list[Op] = field(default_factory=list)
+    global_box: Box | None = None
+    local_box: Box | None = None
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Open encoded image bytes lazily (header only; Pillow's decompression-bomb guard applies)."""
+    return Image.open(io.BytesIO(data))
+
+
+class ViewMaker:
+    """Draws and renders x/a/g/l views of a real and a fake image (only x in eval mode)."""
+
+    def __init__(self, local_size: int = 96, global_size: int = 224, max_ops: int = 2, eval_mode: bool = False) -> None:
+        self.local_size, self.global_size, self.max_ops, self.eval_mode = local_size, global_size, max_ops, eval_mode
+        self.short_side = round(global_size * RESIZE_RATIO)
+
+    def draw(self, size: tuple[int, int], rng: np.random.Generator) -> ViewPlan:
+        """Draw one image's ops and crop boxes (nothing in eval mode)."""
+        if self.eval_mode:
+            return ViewPlan(size)
+        ops = draw_ops(rng, self.max_ops)
+        return ViewPlan(size, ops, random_resized_crop_box(size, GLOBAL_SCALE, rng), random_resized_crop_box(size, LOCAL_SCALE, rng))
+
+    def decode_scale(self, plan: ViewPlan) -> float:
+        """The smallest decode scale (<= 1) at which no view of `plan` is upsampled beyond its source."""
+        need = [self.short_side / min(plan.size)]
+        if plan.ops and not POINTWISE.issuperset(op.family for op in plan.ops):
+            need.append(1.0)
+        for box, out in ((plan.global_box, self.global_size), (plan.local_box, self.local_size)):
+            if box is not None:
+                need.append(out / min(box[2], box[3]))
+        return min(1.0, max(need))
+
+    def render(self, img: Image.Image, plan: ViewPlan, tag: str) -> dict[str, torch.Tensor]:
+        """The uint8 [3,H,W] views of one decoded RGB image (any resolution: boxes are rescaled to it)."""
+        pixels = to_uint8(img)
+        short = resize_short(pixels, self.short_side)
+        views = {f"x_{tag}": center_crop(short, self.global_size)[:3]}
+        if self.eval_mode:
+            return views
+        views[f"a_{tag}"] = self._augment(img, short, plan.ops)[:3] if plan.ops else views[f"x_{tag}"]
+        sx, sy = img.width / plan.size[0], img.height / plan.size[1]
+        for name, box, out in (("g", plan.global_box, self.global_size), ("l", plan.local_box, self.local_size)):
+            left, top = min(img.width - 1, round(box[0] * sx)), min(img.height - 1, round(box[1] * sy))
+            w, h = max(1, round(box[2] * sx)), max(1, round(box[3] * sy))
+            views[f"{name}_{tag}"] = resize(pixels[:, top : top + h, left : left + w], out, out)[:3]
+        return views
+
+    def _augment(self, img: Image.Image, short: torch.Tensor, ops: list[Op]) -> torch.Tensor:
+        """Ops then resize (shorter side 248) and centre crop; pointwise-only ops run on the resized image."""
+        if POINTWISE.issuperset(op.family for op in ops):
+            out = to_uint8(apply_ops(Image.fromarray(short[:3].permute(1, 2, 0).numpy()), ops))
+        else:
+            out = resize_short(to_uint8(apply_ops(img, ops)), self.short_side)
+        return center_crop(out, self.global_size)
+
+    def make(self, real: Image.Image, fake: Image.Image, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """The normalised float32 views of a decoded (real, fake) pair: x_r, x_f, a_r, a_f, g_r, g_f, l_r, l_f."""
+        plans = self.draw(real.size, rng), self.draw(fake.size, rng)
+        with single_thread():
+            views = {**self.render(to_rgb(real), plans[0], "r"), **self.render(to_rgb(fake), plans[1], "f")}
+        return {key: normalise(view) for key, view in views.items()}
+
+    def make_encoded(
+        self, real: bytes, fake: bytes, rng: np.random.Generator, normalised: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The same views from encoded bytes, each image decoded once (in draft mode where that loses nothing).
+
+        With `normalised=False` the views stay uint8 [3,H,W] (`codetrain.data.collate` normalises
+        a whole batch at once).
+        """
+        images = open_image(real), open_image(fake)
+        plans = self.draw(images[0].size, rng), self.draw(images[1].size, rng)
+        views: dict[str, torch.Tensor] = {}
+        with single_thread():
+            for img, plan, tag in zip(images, plans, ("r", "f")):
+                views.update(self.render(self.decode(img, plan), plan, tag))
+        return {key: normalise(view) for key, view in views.items()} if normalised else views
+
+    def decode(self, img: Image.Image, plan: ViewPlan) -> Image.Image:
+        """Decode a lazily opened image as RGB, reduced in JPEG draft mode when the plan allows 2x or more."""
+        scale = self.decode_scale(plan)
+        if scale <= 0.5 and img.format == "JPEG":
+            img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+        img.load()
+        return to_rgb(img)

@@ -1,0 +1,180 @@
+"""Write small, realistic D3 shards (ours or the published ELSA_D3 layout) and real-image sources for tests."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageFilter
+from skimage import data as skdata
+from sklearn.datasets import load_sample_images
+
+from d3builder.schema import NUM_D3_GENERATORS, REAL_FEATURES, d3_features, elsa_features
+from d3builder.shards import image_cell, write_shard
+
+GENERATORS = ("deepfloyd-if", "sd14", "sd21", "sdxl")
+MODELS = (
+    "DeepFloyd/IF-I-XL-v1.0",
+    "CompVis/stable-diffusion-v1-4",
+    "stabilityai/stable-diffusion-2-1",
+    "stabilityai/stable-diffusion-xl-base-1.0",
+)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Side-length ranges (px, inclusive) of the real and the generated images."""
+
+    real: tuple[int, int] = (40, 72)
+    fake: tuple[int, int] = (32, 64)
+
+
+REALISTIC = Sizes(real=(300, 800), fake=(256, 640))
+"""The sizes of D3: LAION reals of a few hundred pixels, generators at 256-640 px."""
+
+
+@lru_cache(maxsize=1)
+def photos() -> tuple[np.ndarray, ...]:
+    """The RGB photographs bundled with scikit-image and scikit-learn (no download)."""
+    names = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+    return tuple(getattr(skdata, n)() for n in names) + tuple(load_sample_images().images)
+
+
+def photo_crop(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A random crop of a random bundled photo, resized to `size` (w, h)."""
+    photo = photos()[int(rng.integers(len(photos())))]
+    h, w = photo.shape[:2]
+    ch, cw = int(rng.integers(h // 2, h + 1)), int(rng.integers(w // 2, w + 1))
+    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    return Image.fromarray(photo[top : top + ch, left : left + cw]).resize(size, Image.Resampling.BILINEAR)
+
+
+def fake_look(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Make a photo look generated: blurred, then overlaid with visible noise."""
+    blurred = np.asarray(img.filter(ImageFilter.GaussianBlur(radius=2)), dtype=np.int16)
+    noise = rng.normal(0, 8, blurred.shape)
+    return Image.fromarray(np.clip(blurred + noise, 0, 255).astype(np.uint8))
+
+
+def jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    """JPEG-encode an image."""
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def draw_size(rng: np.random.Generator, bounds: tuple[int, int]) -> tuple[int, int]:
+    """A random (w, h) with both sides inside `bounds`."""
+    return int(rng.integers(bounds[0], bounds[1] + 1)), int(rng.integers(bounds[0], bounds[1] + 1))
+
+
+def record_id(seed: int, index: int) -> str:
+    """A LAION-like numeric sample id, unique per (seed, index)."""
+    return str(1_000_000_000_000 + seed * 10_000_000 + index)
+
+
+def make_record(index: int, split: str, seed: int, sizes: Sizes) -> tuple[dict, bytes]:
+    """One row of our D3 schema and its real image's JPEG bytes."""
+    rng = np.random.default_rng([seed, index])
+    rid = record_id(seed, index)
+    real = jpeg(photo_crop(rng, draw_size(rng, sizes.real)))
+    row = {
+        "id": rid,
+        "original_prompt": f"a photo number {index}",
+        "positive_prompt": f"a photo number {index}, high quality",
+        "negative_prompt": "",
+        "url": f"http://127.0.0.1/{rid}.jpg",
+        "split": split,
+        "image_real": image_cell(real),
+        "width_real": None,
+        "height_real": None,
+        "encoding_real": "JPEG",
+        "sha256_real": None,
+    }
+    for slot in range(NUM_D3_GENERATORS):
+        size = draw_size(rng, sizes.fake)
+        fake = jpeg(fake_look(photo_crop(rng, size), rng))
+        row.update(
+            {
+                f"model_gen{slot}": MODELS[slot],
+                f"width_gen{slot}": size[0],
+                f"height_gen{slot}": size[1],
+                f"num_inference_steps_gen{slot}": 50,
+                f"filepath_gen{slot}": f"gen{slot}/{rid}.jpg",
+                f"image_gen{slot}": image_cell(fake),
+                f"generator_gen{slot}": GENERATORS[slot],
+                f"seed_gen{slot}": index,
+                f"guidance_scale_gen{slot}": 7.5,
+                f"scheduler_gen{slot}": "DDIMScheduler",
+                f"model_revision_gen{slot}": "main",
+                f"encoding_gen{slot}": "JPEG",
+                f"safety_checker_gen{slot}": False,
+                f"watermark_gen{slot}": False,
+            }
+        )
+    return row, real
+
+
+def make_d3_shards(
+    folder: str | Path,
+    n_records: int,
+    split: str = "train",
+    shard_size: int = 16,
+    seed: int = 0,
+    sizes: Sizes = Sizes(),
+    elsa_layout: bool = False,
+    row_group_size: int = 8,
+) -> list[Path]:
+    """Write `folder/{split}/{split}-{k:05d}.parquet` shards of `n_records` records; returns their paths.
+
+    With `elsa_layout` the shards follow the published ELSA_D3 schema (no real image, no
+    provenance) and the reals are written by `write_real_sources` instead.
+    """
+    features = elsa_features() if elsa_layout else d3_features()
+    paths = []
+    for shard, start in enumerate(range(0, n_records, shard_size)):
+        rows = [make_record(i, split, seed, sizes)[0] for i in range(start, min(n_records, start + shard_size))]
+        path = Path(folder) / split / f"{split}-{shard:05d}.parquet"
+        paths.append(write_shard(rows, path, features, row_group_size=row_group_size))
+    return paths
+
+
+def write_real_sources(
+    folder: str | Path, n_records: int, seed: int = 0, sizes: Sizes = Sizes(), shard_size: int = 16
+) -> tuple[Path, Path]:
+    """Write the reals of `make_d3_shards(..., seed, sizes)` as `real/{k}.parquet` shards and as `files/{id}.jpg`."""
+    real_dir, files_dir = Path(folder) / "real", Path(folder) / "files"
+    files_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(n_records):
+        row, real = make_record(index, "train", seed, sizes)
+        (files_dir / f"{row['id']}.jpg").write_bytes(real)
+        rows.append(
+            {
+                "id": row["id"],
+                "url": row["url"],
+                "status": "success",
+                "error_message": None,
+                "image": image_cell(real),
+                "width": None,
+                "height": None,
+                "encoding": "JPEG",
+                "sha256": None,
+                "num_bytes": len(real),
+            }
+        )
+    order = np.random.default_rng(seed).permutation(n_records)  # reals are not in record order
+    shuffled = [rows[i] for i in order]
+    for shard, start in enumerate(range(0, n_records, shard_size)):
+        write_shard(shuffled[start : start + shard_size], real_dir / f"{shard:05d}.parquet", REAL_FEATURES, row_group_size=8)
+    return real_dir, files_dir
+
+
+def shard_ids(paths: Sequence[str | Path]) -> list[str]:
+    """Every record id in the given shards, in file order."""
+    return [i for p in paths for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()]
