@@ -12,6 +12,9 @@ from .yamlconfig import ConfigError
 COMMAND_MODULES: list[str] = [
     "d3builder.embedded",
     "d3builder.select",
+    "d3builder.generate",
+    "d3builder.regenerate",
+    "d3builder.extend",
     "d3builder.assemble",
     "d3builder.transform_test",
     "d3builder.validate",
