@@ -1,13 +1,14 @@
 """Stream D3 shards (local or fsspec URLs) into CoDE training views, split across processes and workers.
 
-One epoch is a stream of records: shards in a seeded random order, their row groups
-shuffled, the whole cut into `world_size` contiguous parts (one per process), and each
-process's part cut into contiguous parts of whole batches, one per DataLoader worker, so
-every row group is read by one worker only. Each worker passes its part through a shuffle
-buffer simulated on indices, so the order is known up front and fixed by (seed, epoch,
-number of workers), and a resumed run skips the records already consumed without reading
-or decoding them. Everything random about a record (which fake, its augmentations and
-crops) comes from (seed, epoch, record id), so it does not depend on the number of workers.
+One epoch on one process (rank) is a fixed sequence of records: shards in a seeded random
+order, their row groups shuffled, the whole cut into `world_size` contiguous parts, and the
+rank's part passed through a shuffle buffer (simulated on indices, so the sequence is known
+up front). DataLoader workers take whole batches of that sequence in turn, so the batches
+come out in the same order for any number of workers, and a resumed run skips the records
+already consumed without reading or decoding them. A worker reads only the row groups that
+hold one of its records (with a shuffle buffer about the size of a batch, a row group is
+read by two or three workers). Everything random about a record (which fake, its
+augmentations and crops) comes from (seed, epoch, record id).
 """
 
 from __future__ import annotations
@@ -139,11 +140,12 @@ class D3Records(IterableDataset):
 
     `collate` turns a list of them into the training batch (float32 views, normalised).
 
-    Set `batch_size` to the DataLoader's: the DataLoader's round robin over workers then
-    yields batch k from worker k % num_workers, which is what makes `set_position` exact with
-    several workers (resume with the same num_workers and batch_size). Call `set_epoch` (and
-    `set_position` when resuming) before creating each epoch's iterator; workers copy the
-    dataset when it is created, so do not use `persistent_workers`.
+    Set `batch_size` to the DataLoader's: workers then take whole batches of the sequence in
+    turn, matching the DataLoader's round robin, so the batches (and `set_position`) do not
+    depend on `num_workers`. Call `set_epoch` (and `set_position` when resuming) before
+    creating each epoch's iterator; workers copy the dataset when it is created, so do not use
+    `persistent_workers`. A skipped (bad) record shifts the later batches of its worker by one
+    record, so a resume after it is exact only up to the number of records skipped.
     """
 
     def __init__(
@@ -225,43 +227,26 @@ class D3Records(IterableDataset):
                 offset += groups[group]
         return out
 
-    def worker_span(self, worker: int, workers: int) -> tuple[int, int]:
-        """The contiguous part [a, b) of this rank's stream that DataLoader worker `worker` of `workers` reads.
-
-        Workers get whole batches (all but one worker a multiple of `batch_size` records), the
-        lower-numbered ones one more when they do not divide evenly, and the partial batch goes
-        to the worker whose turn follows the last full batch: the DataLoader's round robin then
-        yields batch k from worker k % workers, for every k.
-        """
-        block = self.batch_size or 1
-        full, tail = divmod(len(self), block)
-        sizes = [block * (full // workers + (w < full % workers)) + (tail if w == full % workers else 0) for w in range(workers)]
-        start = sum(sizes[:worker])
-        return start, start + sizes[worker]
+    def order(self) -> np.ndarray:
+        """This rank's record sequence for the current epoch, as stream positions."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, _ORDER])
+        return shuffle_order(len(self), self.shuffle_buffer, rng)
 
     def worker_order(self, worker: int, workers: int) -> np.ndarray:
-        """The stream positions DataLoader worker `worker` of `workers` yields this epoch, in order.
+        """The stream positions DataLoader worker `worker` of `workers` yields, in order, from the current position.
 
-        From position 0 worker w yields part w. Resuming after k batches, the DataLoader's
-        round robin starts again at worker 0, so worker w takes over part (w + k) % workers,
-        without the batches of that part already consumed.
+        Worker w takes batches w, w + workers, ... of the sequence (counted from the position),
+        which is the DataLoader's round robin: the batches come out in sequence order for any
+        number of workers.
         """
-        batches = 0
-        if workers > 1 and 0 < self.position < len(self):
-            if not self.batch_size or self.position % self.batch_size:
-                raise ValueError(
-                    f"resuming at record {self.position} with {workers} DataLoader workers needs "
-                    "D3Records(batch_size=<the DataLoader's>) and a position that is a whole number of batches"
-                )
-            batches = self.position // self.batch_size
-        part = (worker + batches) % workers
-        a, b = self.worker_span(part, workers)
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, part, workers, _ORDER])
-        order = a + shuffle_order(b - a, self.shuffle_buffer, rng)
-        if workers == 1 or self.position >= len(self):
-            return order[self.position :]
-        done = max(0, -(-(batches - part) // workers))  # batches k < `batches` with k % workers == part
-        return order[done * self.batch_size :] if done else order
+        if workers > 1 and self.position and not self.batch_size:
+            raise ValueError(
+                f"resuming at record {self.position} with {workers} DataLoader workers needs "
+                "D3Records(batch_size=<the DataLoader's batch size>)"
+            )
+        q = np.arange(self.position, len(self))
+        mine = q[((q - self.position) // (self.batch_size or 1)) % workers == worker]
+        return self.order()[mine]
 
     # --- iteration -----------------------------------------------------------------------------
 
