@@ -20,20 +20,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from shardkit import REALISTIC, make_d3_shards  # noqa: E402
+from shardkit import REALISTIC, make_d3_shards
 
-from codetrain.augmentations import random_augment, resize_center_crop, to_rgb  # noqa: E402
-from codetrain.data import D3Records, collate, list_shards, record_rng  # noqa: E402
-from codetrain.views import IMAGENET_MEAN, IMAGENET_STD, ViewMaker  # noqa: E402
-from d3builder.schema import generator_slots  # noqa: E402
-from d3builder.shards import decode_image, iter_rows  # noqa: E402
+from codetrain.augmentations import random_augment, resize_center_crop, to_rgb
+from codetrain.data import D3Records, collate, list_shards, record_rng
+from codetrain.views import IMAGENET_MEAN, IMAGENET_STD, ViewMaker
+from d3builder.schema import generator_slots
+from d3builder.shards import decode_image, iter_rows
 
 
 class NaiveRecords(IterableDataset):
@@ -72,7 +71,8 @@ def machine() -> str:
     """CPU model, core count, torch threads and load: what the figures were measured on."""
     model = platform.processor() or "unknown CPU"
     try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -101,7 +101,7 @@ def read_shard_info(url: str) -> ShardInfo:
     """Read one shard's footer (a clear error naming the shard if it is not a usable D3 shard)."""
     try:
         meta = open_parquet(url).metadata
-    except Exception as exc:  # noqa: BLE001 - any reader error is reported with the shard's name
+    except Exception as exc:  # any reader error is reported with the shard's name
         raise ValueError(f"cannot read the Parquet footer of {url}: {exc}") from exc
     names = meta.schema.to_arrow_schema().names
     slots = tuple(generator_slots(names))

@@ -95,7 +95,7 @@ def resize_short(x: torch.Tensor, short: int) -> torch.Tensor:
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     """The central `size` x `size` square (torchvision's rounding); the input is at least that big."""
     h, w = x.shape[1:]
-    top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
+    top, left = round((h - size) / 2), round((w - size) / 2)
     return x[:, top : top + size, left : left + size]
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from shardkit import GENERATORS, MODELS, make_d3_shards, shard_ids, write_real_sources
 from torch.utils.data import DataLoader
 
 from codetrain.data import D3Records, RealImageSource, collate, list_shards, shuffle_order
@@ -16,7 +17,6 @@ from codetrain.views import VIEW_KEYS, ViewMaker
 from d3builder.schema import REAL_FEATURES, d3_features
 from d3builder.serve import serve_folder
 from d3builder.shards import write_shard
-from shardkit import GENERATORS, MODELS, make_d3_shards, shard_ids, write_real_sources
 
 N = 45
 BATCH = 4
