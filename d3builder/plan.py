@@ -97,7 +97,11 @@ def _selected_records(manifest: Manifest) -> tuple[int, str]:
 
 
 def make_plan(manifest: Manifest, throughput: ThroughputTable, train_epochs: int = 150) -> Plan:
-    """Plan every stage of `manifest`; GPU-hours from the throughput table."""
+    """Plan every stage of `manifest`; GPU-hours from the throughput table.
+
+    Generation renders every selected record (not only those whose real image was fetched), so that
+    images recovered later by `fetch-real --retry-failed` still have their fakes.
+    """
     registry = load_registries(*manifest.registry_paths())
     records, source = _selected_records(manifest)
     shards = math.ceil(records / manifest.shard_size)
@@ -120,9 +124,9 @@ def make_plan(manifest: Manifest, throughput: ThroughputTable, train_epochs: int
             StagePlan(
                 f"generate {name}",
                 shards,
-                reals,
+                records,
                 f"gen/{name}/{{k}}.parquet, {speed.seconds_per_image:g} s/image ({kind})",
-                reals * speed.seconds_per_image / 3600,
+                records * speed.seconds_per_image / 3600,
             )
         )
     per_record = 1 + len(manifest.generators)
@@ -130,11 +134,12 @@ def make_plan(manifest: Manifest, throughput: ThroughputTable, train_epochs: int
         StagePlan("assemble", shards, reals, "d3/{split}/{split}-{k}.parquet"),
         StagePlan("transform-test", shards, test_records * per_record, "d3/test_augm/ (CPU)"),
     ]
+    test_selected = int(records * manifest.splits.get("test", 0.0))
     for name in manifest.extended.generators:
         speed = throughput.generators.get(name)
-        hours = test_records * speed.seconds_per_image / 3600 if speed else 0.0
+        hours = test_selected * speed.seconds_per_image / 3600 if speed else 0.0
         what = f"extended/{name}/" + ("" if speed else " (no throughput figure: not counted)")
-        plan.stages.append(StagePlan(f"extend {name}", shards, test_records, what, hours))
+        plan.stages.append(StagePlan(f"extend {name}", shards, test_selected, what, hours))
     plan.stages += [
         StagePlan("validate", shards, reals * per_record, "every image decoded (CPU)"),
         StagePlan(
