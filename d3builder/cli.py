@@ -12,6 +12,7 @@ from .yamlconfig import ConfigError
 COMMAND_MODULES: list[str] = [
     "d3builder.embedded",
     "d3builder.select",
+    "d3builder.fetch_real",
     "d3builder.generate",
     "d3builder.regenerate",
     "d3builder.extend",
