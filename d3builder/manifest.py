@@ -78,7 +78,10 @@ class FetchConfig:
     timeout: int = 10
     retries: int = 0
     user_agent_token: str = "d3code"
-    disallowed_header_directives: list[str] = field(default_factory=list)
+    disallowed_header_directives: list[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    """X-Robots-Tag directives that opt an image out (img2dataset's defaults: honoured unless emptied)."""
     distributor: str = "multiprocessing"
     max_image_bytes: int = 50_000_000
 

@@ -71,9 +71,19 @@ def write_shard(
     """Write one Parquet shard atomically (temp name, fsync, rename), features in the schema metadata."""
     table = rows_or_table if isinstance(rows_or_table, pa.Table) else to_table(rows_or_table, features)
     table = table.select(list(features)).cast(features.arrow_schema)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, row_group_size=row_group_size, compression="zstd")
-    return atomic_write_bytes(path, buffer.getvalue())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh, row_group_size=row_group_size, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return path
 
 
 def read_features(path: str | Path) -> Features | None:
