@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 DEFAULT_TEMPERATURE = 0.1
 """InfoNCE temperature of the paper."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,15 +14,14 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasets import Features
 from tqdm import tqdm
 
 from .cliargs import add_manifest_args, manifest_from_args
 from .layout import DataLayout, safe_name
 from .manifest import SPLITS, Manifest
 from .schema import d3_features
-from .shards import DEFAULT_ROW_GROUP_SIZE, fsync_dir, to_table
-from .units import claim, read_stats, write_stats
+from .shards import DEFAULT_ROW_GROUP_SIZE, ShardStream
+from .units import claim, unit_done, write_stats
 
 logger = logging.getLogger(__name__)
 
@@ -43,59 +41,6 @@ PROVENANCE = ("model", "model_revision", "pipeline", "scheduler", "dtype", "safe
 def extension(encoding: str | None) -> str:
     """The file extension of an encoding name (JPEG -> jpg), `bin` when unknown."""
     return EXTENSIONS.get((encoding or "").upper(), "bin")
-
-
-class ShardStream:
-    """Write one shard row group by row group to a hidden temporary sibling; `commit` renames it into place."""
-
-    def __init__(self, path: Path, features: Features, row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> None:
-        self.path, self.features, self.row_group_size = path, features, row_group_size
-        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        self.rows = 0
-        self._buffer: list[dict] = []
-        self._writer: pq.ParquetWriter | None = None
-
-    def write(self, row: dict) -> None:
-        """Buffer one row; a full buffer is flushed as one row group."""
-        self._buffer.append(row)
-        if len(self._buffer) >= self.row_group_size:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.tmp, self.features.arrow_schema, compression="zstd")
-        self._writer.write_table(to_table(self._buffer, self.features), row_group_size=self.row_group_size)
-        self.rows += len(self._buffer)
-        self._buffer = []
-
-    def commit(self) -> Path | None:
-        """Flush, fsync and rename into place; returns the path, or None when no row was written."""
-        self._flush()
-        if self._writer is None:
-            return None
-        self._writer.close()
-        with open(self.tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
-        return self.path
-
-    def abort(self) -> None:
-        """Drop the temporary file."""
-        if self._writer is not None:
-            self._writer.close()
-        self.tmp.unlink(missing_ok=True)
-
-
-def unit_done(stats: Path, root: Path) -> bool:
-    """A multi-output unit is done when its stats file exists and names outputs that all exist."""
-    if not stats.is_file():
-        return False
-    outputs = read_stats(stats).get("outputs", {})
-    return all((root / relative).is_file() for relative in outputs.values())
 
 
 class InputError(Exception):
@@ -224,7 +169,7 @@ def _has_image(cell: dict | None) -> bool:
     return cell is not None and cell.get("bytes") is not None
 
 
-def _paired_row(record: dict, real: ShardSource, gens: dict[str, ShardSource]) -> tuple[dict | None, list[str]]:
+def paired_row(record: dict, real: ShardSource, gens: dict[str, ShardSource]) -> tuple[dict | None, list[str]]:
     """The output row of one record, or None and every reason it is incomplete."""
     record_id = record["id"]
     reasons = []
@@ -277,7 +222,7 @@ def _inputs(layout: DataLayout, shard: int, generators: list[str]) -> dict[str, 
     return paths
 
 
-def _read_records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
     columns = ["id", "original_prompt", "positive_prompt", "negative_prompt", "url", "split"]
     try:
         return pq.read_table(path, columns=columns).to_pylist()
@@ -302,7 +247,7 @@ def assemble_shard(manifest: Manifest, shard: int, row_group_size: int = DEFAULT
         try:
             real = ShardSource(inputs["real"], REAL_META)
             gens = {g: ShardSource(inputs[f"gen:{g}"], GEN_META) for g in manifest.generators}
-            records = _read_records(inputs["records"])
+            records = read_records(inputs["records"])
             return _assemble_claimed(manifest, shard, inputs, records, real, gens, row_group_size)
         except InputError as exc:
             logger.error("shard %d not assembled: %s", shard, exc)
@@ -325,7 +270,7 @@ def _assemble_claimed(
     seen: set[str] = set()
     try:
         for record in records:
-            row, reasons = (None, ["duplicate_id"]) if record["id"] in seen else _paired_row(record, real, gens)
+            row, reasons = (None, ["duplicate_id"]) if record["id"] in seen else paired_row(record, real, gens)
             seen.add(record["id"])
             if row is None:
                 result.dropped += 1

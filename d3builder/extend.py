@@ -22,10 +22,8 @@ from .assemble import (
     REAL_META,
     InputError,
     ShardSource,
-    ShardStream,
-    _paired_row,
-    _read_records,
-    unit_done,
+    paired_row,
+    read_records,
 )
 from .cliargs import add_manifest_args, manifest_from_args
 from .generate import (
@@ -43,7 +41,8 @@ from .generate import (
 from .manifest import Manifest
 from .registry import RegistryError
 from .schema import d3_features
-from .units import claim, shards_for_process, write_stats
+from .shards import ShardStream
+from .units import claim, shards_for_process, unit_done, write_stats
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ def join_shard(manifest: Manifest, generator: str, shard: int) -> tuple[str, int
             return "busy", 0, Counter()
         started = time.time()
         try:
-            records = [r for r in _read_records(inputs["records"]) if r["split"] == SPLIT]
+            records = [r for r in read_records(inputs["records"]) if r["split"] == SPLIT]
             real = ShardSource(inputs["real"], REAL_META)
             gens = {generator: ShardSource(inputs["gen"], GEN_META)}
         except InputError as exc:
@@ -98,7 +97,7 @@ def join_shard(manifest: Manifest, generator: str, shard: int) -> tuple[str, int
         stream = ShardStream(output, d3_features(1))
         try:
             for record in records:
-                row, why = _paired_row(record, real, gens)
+                row, why = paired_row(record, real, gens)
                 if row is None:
                     reasons.update(why)
                 else:

@@ -33,7 +33,7 @@ import transformers
 from accelerate import PartialState
 from tqdm import tqdm
 
-from .assemble import ShardStream, extension
+from .assemble import extension
 from .cliargs import add_manifest_args, manifest_from_args
 from .encoding import check_mix, check_quality_range, draw_encoding, encode_image
 from .layout import DataLayout
@@ -49,7 +49,7 @@ from .pipelines import (
 )
 from .registry import DTYPES, GeneratorEntry, RegistryError, load_registries
 from .schema import GEN_FEATURES
-from .shards import image_cell, write_shard
+from .shards import ShardStream, image_cell, write_shard
 from .units import claim, is_done, read_stats, shards_for_process, write_stats
 
 logger = logging.getLogger(__name__)

@@ -168,3 +168,48 @@ def validate_shard(path: str | Path, expected: Features | None = None, decode_im
                 except Exception as exc:  # noqa: BLE001 - any decoder failure is a defect to report
                     report.errors.append(f"{path}: record {record!r} column {column!r}: image does not decode: {exc}")
     return report
+
+
+class ShardStream:
+    """Write one shard row group by row group to a hidden temporary sibling; `commit` renames it into place."""
+
+    def __init__(self, path: Path, features: Features, row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> None:
+        self.path, self.features, self.row_group_size = path, features, row_group_size
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.rows = 0
+        self._buffer: list[dict] = []
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, row: dict) -> None:
+        """Buffer one row; a full buffer is flushed as one row group."""
+        self._buffer.append(row)
+        if len(self._buffer) >= self.row_group_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.tmp, self.features.arrow_schema, compression="zstd")
+        self._writer.write_table(to_table(self._buffer, self.features), row_group_size=self.row_group_size)
+        self.rows += len(self._buffer)
+        self._buffer = []
+
+    def commit(self) -> Path | None:
+        """Flush, fsync and rename into place; returns the path, or None when no row was written."""
+        self._flush()
+        if self._writer is None:
+            return None
+        self._writer.close()
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temporary file."""
+        if self._writer is not None:
+            self._writer.close()
+        self.tmp.unlink(missing_ok=True)

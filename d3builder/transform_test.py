@@ -20,14 +20,14 @@ from datasets import Features
 from PIL import Image
 from tqdm import tqdm
 
-from .assemble import ShardStream, extension, unit_done
+from .assemble import extension
 from .card import split_shards, write_dataset_card
 from .cliargs import add_manifest_args, manifest_from_args
 from .layout import shard_number
 from .manifest import Manifest
 from .schema import STRING, d3_features, generator_slots
-from .shards import DEFAULT_ROW_GROUP_SIZE, decode_image
-from .units import claim, write_stats
+from .shards import DEFAULT_ROW_GROUP_SIZE, ShardStream, decode_image
+from .units import claim, unit_done, write_stats
 
 logger = logging.getLogger(__name__)
 

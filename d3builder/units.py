@@ -27,6 +27,14 @@ def read_stats(stats: Path) -> dict[str, Any]:
     return json.loads(stats.read_text())
 
 
+def unit_done(stats: Path, root: Path) -> bool:
+    """A multi-output unit is done when its stats file exists and names outputs that all exist."""
+    if not stats.is_file():
+        return False
+    outputs = read_stats(stats).get("outputs", {})
+    return all((root / relative).is_file() for relative in outputs.values())
+
+
 def write_stats(stats: Path, payload: dict[str, Any]) -> Path:
     """Write one unit's stats JSON atomically, stamped with host and time."""
     return atomic_write_json(stats, {**payload, "host": socket.gethostname(), "finished_at": time.time()})
