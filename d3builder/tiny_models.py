@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import math
@@ -306,14 +307,45 @@ def build_tiny(kind: str) -> DiffusionPipeline:
     return pipe
 
 
+def _is_complete(folder: Path) -> bool:
+    """A saved twin is complete when every component with a model config has its weights."""
+    if not (folder / "model_index.json").is_file():
+        return False
+    for config in folder.glob("*/config.json"):
+        has_weights = any(config.parent.glob("*.safetensors"))
+        is_model = "_class_name" in config.read_text() or "architectures" in config.read_text()
+        if is_model and not has_weights:
+            return False
+    return True
+
+
 def tiny_model_path(kind: str) -> Path:
-    """Local folder of the tiny twin `kind`, built and saved with save_pretrained on first use."""
+    """Local folder of the tiny twin `kind`, built and saved with save_pretrained on first use.
+
+    Concurrent builders (several processes or nodes) are serialised by a lock file, and a twin is
+    published (renamed into place) only once every component's weights are written.
+    """
     if kind not in BUILDERS:
         raise KeyError(f"unknown tiny model kind '{kind}' (known: {', '.join(sorted(BUILDERS))})")
     root = tiny_cache_root()
     final = root / f"{kind}-{TINY_VERSION}"
-    if (final / "model_index.json").is_file():
+    if _is_complete(final):
         return final
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{kind}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_complete(final):
+            return final
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete twin left by a killed build
+        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
+        try:
+            build_tiny(kind).save_pretrained(tmp, safe_serialization=True)
+            if not _is_complete(tmp):
+                raise RuntimeError(f"tiny twin {kind!r}: save_pretrained wrote an incomplete folder {tmp}")
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
     try:
