@@ -32,7 +32,7 @@ EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "
 REAL_META = ["id", "status", "width", "height", "encoding", "sha256"]
 GEN_META = [
     "id", "generator", "status", "model", "model_revision", "pipeline", "scheduler", "dtype",
-    "num_inference_steps", "guidance_scale", "seed", "width", "height", "encoding",
+    "num_inference_steps", "guidance_scale", "seed", "width", "height", "encoding", "jpeg_quality",
     "safety_checker", "watermark", "software",
 ]  # fmt: skip
 PROVENANCE = ("model", "model_revision", "pipeline", "scheduler", "dtype", "safety_checker", "watermark", "software")
@@ -160,6 +160,7 @@ def _gen_columns(slot: int, generator: str, record: str, meta: dict, cell: dict)
         f"scheduler_gen{slot}": meta["scheduler"],
         f"model_revision_gen{slot}": meta["model_revision"],
         f"encoding_gen{slot}": meta["encoding"],
+        f"jpeg_quality_gen{slot}": meta["jpeg_quality"],
         f"safety_checker_gen{slot}": meta["safety_checker"],
         f"watermark_gen{slot}": meta["watermark"],
     }

@@ -238,6 +238,7 @@ class ShardGenerator:
             "width": job.width,
             "height": job.height,
             "encoding": encoding.format,
+            "jpeg_quality": encoding.quality,
             "safety_checker": bool(prov["safety_checker"]),
             "watermark": bool(prov["watermark"]),
             "prompt": job.prompt,

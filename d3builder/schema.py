@@ -71,6 +71,7 @@ GEN_FEATURES = Features(
         "width": INT,
         "height": INT,
         "encoding": STRING,
+        "jpeg_quality": INT,
         "safety_checker": BOOL,
         "watermark": BOOL,
         "prompt": STRING,
@@ -82,16 +83,6 @@ GEN_FEATURES = Features(
 """`gen/{generator}/{k}.parquet`: one generated image per record with its full provenance."""
 
 ELSA_GENERATOR_COLUMNS = ("model", "width", "height", "num_inference_steps", "filepath", "image")
-OUR_GENERATOR_COLUMNS = (
-    "generator",
-    "seed",
-    "guidance_scale",
-    "scheduler",
-    "model_revision",
-    "encoding",
-    "safety_checker",
-    "watermark",
-)
 
 
 def generator_columns(slot: int) -> dict:
@@ -111,6 +102,7 @@ def generator_columns(slot: int) -> dict:
         f"scheduler_gen{slot}": STRING,
         f"model_revision_gen{slot}": STRING,
         f"encoding_gen{slot}": STRING,
+        f"jpeg_quality_gen{slot}": INT,
         f"safety_checker_gen{slot}": BOOL,
         f"watermark_gen{slot}": BOOL,
     }

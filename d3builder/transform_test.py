@@ -134,6 +134,7 @@ class _Transformer:
                 out["sha256_real"] = hashlib.sha256(data).hexdigest()
             else:
                 out[f"filepath_{suffix}"] = _with_extension(row[f"filepath_{suffix}"], fmt)
+                out[f"jpeg_quality_{suffix}"] = JPEG_QUALITY if fmt == "JPEG" else None
         return out
 
 

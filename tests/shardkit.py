@@ -113,6 +113,7 @@ def make_record(index: int, split: str, seed: int, sizes: Sizes) -> tuple[dict, 
                 f"scheduler_gen{slot}": "DDIMScheduler",
                 f"model_revision_gen{slot}": "main",
                 f"encoding_gen{slot}": "JPEG",
+                f"jpeg_quality_gen{slot}": 90,
                 f"safety_checker_gen{slot}": False,
                 f"watermark_gen{slot}": False,
             }

@@ -176,6 +176,7 @@ def _gen_row(record: str, slot: int, generator: str, reasons: list[str]) -> dict
         "width": size[0],
         "height": size[1],
         "encoding": encoding,
+        "jpeg_quality": 90 if encoding == "JPEG" else None,
         "safety_checker": False,
         "watermark": False,
         "prompt": f"a photo number {record}",

@@ -61,6 +61,7 @@ def d3_row(record_id: str, num_generators: int = 4) -> dict:
                 f"scheduler_gen{slot}": "PNDMScheduler",
                 f"model_revision_gen{slot}": "main",
                 f"encoding_gen{slot}": "JPEG",
+                f"jpeg_quality_gen{slot}": 90,
                 f"safety_checker_gen{slot}": False,
                 f"watermark_gen{slot}": False,
             }

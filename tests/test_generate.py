@@ -105,6 +105,7 @@ def test_jpeg_quality_is_drawn_in_range_and_applied(records: Manifest, generated
     """The JPEG bytes carry the drawn quality: re-encoding the decoded pixels at it is stable, others are not."""
     for row in _rows(records.layout.gen("sd14-tiny", 0)):
         quality = jpeg_quality_for(row["id"], "sd14-tiny", row["seed"], JPEG_RANGE)
+        assert row["jpeg_quality"] == quality, "the drawn quality is stored with the image"
         assert JPEG_RANGE[0] <= quality <= JPEG_RANGE[1]
         tables = Image.open(io.BytesIO(row["image"]["bytes"])).quantization
         rgb = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
