@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from codetrain.data import D3Records, collate, list_shards, record_rng
 from codetrain.views import IMAGENET_MEAN, IMAGENET_STD, ViewMaker
 from d3builder.schema import generator_slots
 from d3builder.shards import decode_image, iter_rows
+
+from common import emit, machine
 
 
 class NaiveRecords(IterableDataset):
@@ -65,18 +66,6 @@ class NaiveRecords(IterableDataset):
                     views[f"g_{tag}"] = self.global_crop(img)
                     views[f"l_{tag}"] = self.local_crop(img)
                 yield {**views, "id": row["id"]}
-
-
-def machine() -> str:
-    """CPU model, core count, torch threads and load: what the figures were measured on."""
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as info:
-            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), load avg {load}"
 
 
 def cpu_seconds() -> float:
@@ -121,15 +110,20 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"{args.records} records, batch {args.batch_size}, views x/a/g at 224, l at {args.local_size}")
     print(f"{'workers':>7} {'ours rec/s':>11} {'naive rec/s':>12} {'ratio':>6} {'ours CPU ms/rec':>16} {'naive CPU ms/rec':>17}")
+    rows = []
     for workers in args.workers:
         ours = D3Records(shards, views=ViewMaker(local_size=args.local_size), batch_size=args.batch_size)
         fast, fast_cpu, n_fast = measure(ours, workers, args.batch_size)
         slow, slow_cpu, n_slow = measure(NaiveRecords(shards, args.local_size), workers, args.batch_size)
         assert n_fast == n_slow == args.records, (n_fast, n_slow)
         print(f"{workers:>7} {fast:>11.1f} {slow:>12.1f} {fast / slow:>5.2f}x {fast_cpu:>16.1f} {slow_cpu:>17.1f}", flush=True)
+        rows.append({"case": f"8 views, {workers} workers", "ours": fast, "baseline": slow, "unit": "records/s",
+                     "target": ">= 110 records/s with 2 workers" if workers == 2 else "",
+                     "note": f"{os.cpu_count() * 1000 / fast_cpu:.0f} records/s from CPU time on free cores"})
     print(f"load avg after: {', '.join(f'{x:.1f}' for x in os.getloadavg())} (other processes share these cores)")
     print(f"CPU ms/rec counts every process (main + workers); with the cores to itself a loader gives about "
           f"{os.cpu_count()} x 1000 / (CPU ms/rec) records/s")
+    emit("dataloader", rows)
 
 
 if __name__ == "__main__":

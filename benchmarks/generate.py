@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ from d3builder.manifest import Manifest, MetadataSource, load_manifest
 from d3builder.pipelines import load_generator, seed_for, size_for
 from d3builder.schema import RECORD_FEATURES
 from d3builder.shards import write_shard
+
+from common import emit, machine
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 CAPTIONS = ("a red bicycle leaning on a brick wall", "portrait of an old fisherman, oil painting",
@@ -98,18 +99,6 @@ def stage(manifest: Manifest, name: str, root: Path) -> tuple[float, float, int]
     return time.perf_counter() - started, time.process_time() - cpu, summary.images
 
 
-def machine() -> str:
-    """CPU model, cores, threads, GPU and library versions."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        cpu = models[0] if models else cpu
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {gpu}; "
-            f"torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}")
-
-
 def main() -> None:
     """Alternate stage and bare runs, print images/s of each and the ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -136,12 +125,16 @@ def main() -> None:
                   f"stage {args.records / wall:.2f} images/s (wall)", flush=True)
     print(f"generator {args.generator}: {args.records} records, shards of {args.shard_size}, "
           f"batch {args.batch_size}, best of {args.repeats}")
+    rows = []
     for clock, index in (("wall", 0), ("CPU", 1)):
         bare = args.records / min(run[index] for run in bare_runs)
         ours = args.records / min(run[index] for run in stage_runs)
         print(f"[{clock:4}] bare pipeline loop {bare:8.2f} images/s | generate stage {ours:8.2f} images/s | "
               f"ratio {ours / bare:.3f} (target >= 0.9)")
+        rows.append({"case": f"{args.generator}, batch {args.batch_size}, {clock} clock", "ours": ours,
+                     "baseline": bare, "unit": "images/s", "target": ">= 0.9"})
     print(f"machine: {machine()}")
+    emit("generate", rows)
 
 
 if __name__ == "__main__":
