@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
+from scriptkit import run_script
 
 from d3builder.manifest import load_manifest
 from d3builder.plan import load_throughput, make_plan
@@ -15,20 +14,9 @@ from d3builder.yamlconfig import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_recipe(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """Run pipelines/full_d3.py as a script with `args`; returns its exit code and stdout."""
-    argv = sys.argv
-    sys.argv = ["full_d3.py", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            runpy.run_path(str(ROOT / "pipelines" / "full_d3.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
-    return exit_info.value.code, capsys.readouterr().out
-
-
 def test_dry_run_prints_the_plan_and_every_stage_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = run_recipe(["--dry-run", "--output-root", str(tmp_path / "d3")], capsys)
+    code = run_script("pipelines/full_d3.py", ["--dry-run", "--output-root", str(tmp_path / "d3")])
+    out = capsys.readouterr().out
     assert code == 0
     assert "3,100,000 records" in out and "620 shards" in out
     for name in ("deepfloyd-if", "sd14", "sd21", "sdxl"):
@@ -49,9 +37,8 @@ def test_plan_hours_follow_the_throughput_table(tmp_path: Path) -> None:
 
 
 def test_plan_uses_the_selected_count_once_select_ran(tmp_path: Path) -> None:
-    from d3builder.select import select_records
-
     from d3builder.embedded import embedded_server
+    from d3builder.select import select_records
 
     manifest = load_manifest(ROOT / "manifests" / "tiny.yaml", output_root=tmp_path)
     with embedded_server() as base_url:

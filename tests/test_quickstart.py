@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import csv
-import runpy
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from datasets import load_dataset
 from PIL import Image
+from scriptkit import run_script
 
 from d3builder.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATORS = ["if-tiny", "sd14-tiny", "sd21-tiny", "sdxl-tiny"]
-
-
-def run_quickstart(args: list[str]) -> int:
-    """Run pipelines/quickstart.py as a script; returns its exit code."""
-    argv = sys.argv
-    sys.argv = ["quickstart.py", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            runpy.run_path(str(ROOT / "pipelines" / "quickstart.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
-    return exit_info.value.code
 
 
 def rows(folder: Path) -> int:
@@ -38,7 +25,7 @@ def rows(folder: Path) -> int:
 @pytest.mark.slow
 def test_quickstart_end_to_end_and_rerun(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "tiny"
-    assert run_quickstart(["--output-root", str(root), "--train-steps", "6", "--no-progress"]) == 0
+    assert run_script("pipelines/quickstart.py", ["--output-root", str(root), "--train-steps", "6", "--no-progress"]) == 0
     out = capsys.readouterr().out
     manifest = load_manifest(ROOT / "manifests" / "tiny.yaml")
     shards = len(list((root / "records").glob("*.parquet")))
@@ -75,7 +62,7 @@ def test_quickstart_end_to_end_and_rerun(tmp_path: Path, capsys: pytest.CaptureF
     assert str(eval_dir / "report.md") in out
 
     before = {p: p.stat().st_mtime_ns for p in (root / "gen").rglob("*.parquet")}
-    assert run_quickstart(["--output-root", str(root), "--train-steps", "6", "--no-progress"]) == 0
+    assert run_script("pipelines/quickstart.py", ["--output-root", str(root), "--train-steps", "6", "--no-progress"]) == 0
     rerun = capsys.readouterr().out
     assert "train: already done" in rerun
     assert {p: p.stat().st_mtime_ns for p in (root / "gen").rglob("*.parquet")} == before, "a rerun reuses what is done"
