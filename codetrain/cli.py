@@ -10,6 +10,7 @@ import sys
 from d3builder.yamlconfig import ConfigError
 
 COMMAND_MODULES: list[str] = [
+    "codetrain.train_cli",
     "codetrain.evaluate",
     "codetrain.detect",
     "codetrain.bundle",

@@ -1,0 +1,409 @@
+"""CoDE training under Accelerate: stream D3 shards, contrastive steps, checkpoints, validation, early stopping."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list, set_seed
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from tqdm.auto import tqdm
+
+from codetrain import checkpoint as ckpt
+from codetrain.config import TrainConfig, save_config
+from codetrain.losses import GLOBAL_KEYS, LOCAL_KEYS, LossOutput, code_loss
+from codetrain.model import CoDEEmbedder, create_embedder, load_weights, save_weights
+from codetrain.runlog import RunLog, plot_loss_curve
+
+log = logging.getLogger(__name__)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 instructions (avx512_bf16 or AMX), where bf16 autocast beats fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> str:
+    """Accelerate's `mixed_precision` ("no", "bf16", "fp16") for a config precision on this device."""
+    if precision == "auto":
+        if on_gpu:
+            return "fp16"
+        return "bf16" if cpu_has_native_bf16() else "no"
+    if precision == "fp16" and not on_gpu:
+        raise ValueError("fp16 autocast needs a GPU; on a CPU use bf16 or fp32")
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """An Accelerator on the GPU (unless config.cpu) with the resolved mixed precision."""
+    on_gpu = torch.cuda.is_available() and not config.cpu
+    return Accelerator(
+        cpu=not on_gpu,
+        mixed_precision=resolve_precision(config.precision, on_gpu),
+        gradient_accumulation_steps=config.grad_accum,
+    )
+
+
+def view_keys(global_local: bool) -> tuple[str, ...]:
+    """The batch views a step embeds: 4 global, plus 4 crops for the global-local term."""
+    return GLOBAL_KEYS + (LOCAL_KEYS if global_local else ())
+
+
+def embed_views(
+    model: nn.Module, batch: Mapping[str, Any], keys: tuple[str, ...], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Embed every view, one forward pass per image size (a ViT has no batch statistics, so this is exact)."""
+    by_size: dict[tuple[int, ...], list[str]] = {}
+    for key in keys:
+        by_size.setdefault(tuple(batch[key].shape[1:]), []).append(key)
+    emb: dict[str, torch.Tensor] = {}
+    for group in by_size.values():
+        x = torch.cat([batch[k] for k in group]).to(device, non_blocking=True)
+        out = model(x).float()
+        for key, part in zip(group, out.chunk(len(group)), strict=True):
+            emb[key] = part
+    return emb
+
+
+def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    """The CPU generator that draws the derangements of one micro-batch, seeded from (seed, step, rank)."""
+    state = np.random.SeedSequence([seed, micro_step, rank]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def compute_loss(model: nn.Module, batch: Mapping[str, Any], generator: torch.Generator, device: torch.device,
+                 global_local: bool = True, temperature: float = 0.1) -> LossOutput:
+    """The CoDE loss of one batch."""
+    emb = embed_views(model, batch, view_keys(global_local), device)
+    return code_loss(emb, generator, global_local=global_local, temperature=temperature)
+
+
+def estimate_steps_per_epoch(rows: int, batch_size: int, world_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one epoch: full batches of the smallest process share (bad records not yet known)."""
+    steps = (rows // world_size // batch_size) // grad_accum
+    if steps == 0:
+        raise ValueError(
+            f"{rows} training records cannot fill one step of {batch_size} x {grad_accum} records "
+            f"on each of {world_size} process(es): use a smaller batch_size or grad_accum"
+        )
+    return steps
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    run_dir: Path
+    model_path: Path
+    """RUN/model.safetensors: the best embedder by validation accuracy (the last one without validation)."""
+    steps: int
+    epochs: int
+    """Epochs completed."""
+    best_val_acc: float | None
+    best_step: int | None
+    stopped_early: bool
+    losses: dict[int, float] = field(default_factory=dict)
+    """Total loss per optimizer step run in this call (mean over micro-batches and processes)."""
+    val_history: list[dict[str, Any]] = field(default_factory=list)
+    rank: int = 0
+    """Process index that returned this result (0 = the main process)."""
+
+
+@dataclass
+class _Progress:
+    """Counters saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best_val_acc: float | None = None
+    best_step: int | None = None
+    bad_validations: int = 0
+    last_val_step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Trainer:
+    """One training run: owns the accelerator, model, optimizer, data and logs."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        """Build everything; on `config.resume` restore the newest checkpoint."""
+        from codetrain.data import D3Records, RealImageSource, collate, list_shards
+        from codetrain.views import ViewMaker
+
+        config.validate()
+        if not config.data:
+            raise ValueError("no training data: set `data` (the D3 shard root)")
+        self.config = config
+        self.run = Path(config.out)
+        self.accelerator = make_accelerator(config)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        set_seed(config.seed)
+        self.model: CoDEEmbedder = create_embedder(config.model, config.img_size)
+        self.real_source = RealImageSource(config.real_source) if config.real_source else None
+        shards = list_shards(config.data, config.train_split)
+        if not shards:
+            raise ValueError(f"no {config.train_split} shards under {config.data}")
+        self.dataset = D3Records(
+            shards, seed=config.seed, shuffle_buffer=config.shuffle_buffer,
+            views=ViewMaker(local_size=config.local_size, global_size=config.img_size, max_ops=config.max_ops),
+            real_source=self.real_source, rank=self.rank, world_size=self.world, batch_size=config.batch_size,
+        )
+        self.steps_per_epoch = config.steps_per_epoch or estimate_steps_per_epoch(
+            self.dataset.total, config.batch_size, self.world, config.grad_accum)
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=collate,
+            drop_last=True, pin_memory=self.accelerator.device.type == "cuda",
+        )
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        warmup = min(self.total_steps - 1, round(config.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = CosineLRScheduler(
+            optimizer, t_initial=max(1, self.total_steps - warmup), lr_min=config.min_lr, warmup_t=warmup,
+            warmup_lr_init=min(1e-6, config.lr), warmup_prefix=True, t_in_epochs=False,
+        )
+        self.progress = _Progress()
+        if not config.resume and ckpt.list_checkpoints(self.run):
+            raise ValueError(f"{self.run} already holds checkpoints: pass --resume to continue, or choose another --out")
+        resume_from = ckpt.latest_checkpoint(self.run) if config.resume else None
+        if config.resume and resume_from is None:
+            log.warning("--resume: no checkpoint in %s/checkpoints, starting from scratch", self.run)
+        if resume_from is not None:
+            load_weights(self.model, resume_from / "model.safetensors")
+        self.ddp_model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.losses: dict[int, float] = {}
+        self.val_history: list[dict[str, Any]] = []
+        self.runlog: RunLog | None = None
+        if self.accelerator.is_main_process:
+            self.run.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run / "config.yaml")
+            self.runlog = RunLog(self.run, config.tensorboard, self.progress.step if resume_from else None)
+        self.accelerator.wait_for_everyone()
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def _restore(self, folder: Path) -> None:
+        """Load optimizer, scaler, counters, data position and RNG from a checkpoint folder."""
+        optimizer_state, state = ckpt.load_train_state(folder)
+        saved = (state.get("world_size"), state.get("config", {}).get("batch_size"))
+        if saved != (self.world, self.config.batch_size):
+            raise ValueError(f"{folder} was written by {saved[0]} process(es) at batch_size {saved[1]}; "
+                             f"resume with the same (now {self.world} at {self.config.batch_size})")
+        self.optimizer.load_state_dict(optimizer_state)
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.progress = _Progress(**state["progress"])
+        ckpt.load_process_rng(folder, self.rank)
+        log.info("resumed from %s (step %d, epoch %d)", folder, self.progress.step, self.progress.epoch)
+
+    def save_checkpoint(self) -> Path:
+        """Write RUN/checkpoints/step-{n} (all processes take part) and prune old ones."""
+        step = self.progress.step
+        staging = ckpt.staging_dir(self.run, step)
+        if self.accelerator.is_main_process:
+            staging.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        ckpt.save_process_rng(staging, self.rank)
+        if self.accelerator.is_main_process:
+            save_weights(self.model, staging / "model.safetensors")
+            scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
+            ckpt.save_train_state(staging, self.optimizer.state_dict(), {
+                "progress": self.progress.to_dict(), "scaler": scaler, "world_size": self.world,
+                "steps_per_epoch": self.steps_per_epoch, "config": self.config.to_dict(),
+            })
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            ckpt.publish(self.run, step)
+            ckpt.prune(self.run, self.config.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return ckpt.checkpoint_dir(self.run, step)
+
+    # --- data --------------------------------------------------------------------------------
+
+    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
+        """This process's batches of the current epoch, from the saved position on."""
+        self.dataset.set_epoch(self.progress.epoch)
+        self.dataset.set_position(self.progress.batches_in_epoch * self.config.batch_size)
+        return iter(self.loader)
+
+    def _all_have(self, batch: Any) -> bool:
+        """Whether every process got a batch (streams may end unevenly; all must stop together)."""
+        if self.world == 1:
+            return batch is not None
+        flag = torch.tensor([0 if batch is None else 1], device=self.accelerator.device)
+        return bool(self.accelerator.gather(flag).min().item())
+
+    # --- one optimizer step ------------------------------------------------------------------
+
+    def _optimizer_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, float] | None:
+        """Accumulate `grad_accum` micro-batches and step; None when the epoch's stream ended first."""
+        config, acc = self.config, self.accelerator
+        parts: list[dict[str, float]] = []
+        skipped = 0
+        self.ddp_model.train()
+        for micro in range(config.grad_accum):
+            batch = next(batches, None)
+            if not self._all_have(batch):
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            skipped += int(torch.as_tensor(batch.get("skipped", 0)).sum())
+            last = micro == config.grad_accum - 1
+            generator = step_generator(config.seed, self.progress.step * config.grad_accum + micro, self.rank)
+            with contextlib.nullcontext() if last else acc.no_sync(self.ddp_model):
+                out = compute_loss(self.ddp_model, batch, generator, acc.device, config.global_local, config.temperature)
+                acc.backward(out.total)
+            parts.append(out.log_dict())
+            self.progress.batches_in_epoch += 1
+        self.scheduler.step_update(self.progress.step)
+        lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm = None
+        if config.grad_clip is not None:
+            grad_norm = float(acc.clip_grad_norm_(self.ddp_model.parameters(), config.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step += 1
+        row = {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}
+        if self.world > 1:
+            keys = sorted(row)
+            values = acc.reduce(torch.tensor([row[k] for k in keys], device=acc.device), reduction="mean")
+            row = dict(zip(keys, values.tolist(), strict=True))
+        if self.world > 1:
+            skipped = int(acc.reduce(torch.tensor(skipped, device=acc.device), reduction="sum").item())
+        row.update(lr=lr, skipped=skipped)
+        if grad_norm is not None:
+            row["grad_norm"] = grad_norm
+        return row
+
+    # --- validation --------------------------------------------------------------------------
+
+    def validate(self) -> dict[str, Any] | None:
+        """Linear-probe metrics of the current embedder on the validation split (None: no usable split)."""
+        from codetrain.validation import probe_accuracy, validation_embeddings
+
+        if self.config.val_split is None:
+            return None
+        embedded = validation_embeddings(self.model, self.config, self.accelerator, self.real_source)
+        result: list[dict[str, Any] | None] = [None]
+        if self.accelerator.is_main_process:
+            if embedded is None:
+                log.warning("no %s split under %s: validation skipped", self.config.val_split, self.config.data)
+            else:
+                result[0] = probe_accuracy(embedded, seed=self.config.seed)
+        broadcast_object_list(result)
+        return result[0]
+
+    def _after_validation(self, metrics: dict[str, Any]) -> bool:
+        """Keep the best model; True when early stopping triggers."""
+        p = self.progress
+        p.last_val_step = p.step
+        acc = metrics["val_acc"]
+        if p.best_val_acc is None or acc > p.best_val_acc:
+            p.best_val_acc, p.best_step, p.bad_validations = acc, p.step, 0
+            if self.accelerator.is_main_process:
+                save_weights(self.model, self.run / "model.safetensors")
+        else:
+            p.bad_validations += 1
+        row = {"kind": "val", "step": p.step, "epoch": p.epoch, **metrics,
+               "best_val_acc": p.best_val_acc, "best_step": p.best_step}
+        self.val_history.append(row)
+        if self.runlog is not None:
+            self.runlog.write(row)
+        return self.config.patience > 0 and p.bad_validations >= self.config.patience
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        """Train until max_steps, the last epoch or early stopping; returns what was produced."""
+        config, p = self.config, self.progress
+        main = self.accelerator.is_main_process
+        bar = tqdm(total=self.total_steps, initial=p.step, disable=not (main and config.progress),
+                   desc="train", unit="step", dynamic_ncols=True)
+        records_per_step = config.batch_size * config.grad_accum * self.world
+        stopped_early, last_saved = False, p.step if config.resume else None
+        window_start, window_steps = time.perf_counter(), 0
+        while p.epoch < config.epochs and p.step < self.total_steps and not stopped_early:
+            batches = self._epoch_batches() if not self._epoch_full() else iter(())
+            stream_ended = False
+            while p.step < self.total_steps and not self._epoch_full():
+                row = self._optimizer_step(batches)
+                if row is None:
+                    stream_ended = True
+                    break
+                self.losses[p.step] = row["loss"]
+                window_steps += 1
+                bar.update(1)
+                if p.step % config.log_every == 0 or p.step == self.total_steps:
+                    now = time.perf_counter()
+                    rate = window_steps * records_per_step / max(now - window_start, 1e-9)
+                    window_start, window_steps = now, 0
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", rec_s=f"{rate:.1f}")
+                    if self.runlog is not None:
+                        self.runlog.write({"kind": "train", "step": p.step, "epoch": p.epoch,
+                                           "records_per_s": rate, **row})
+                if p.step % config.checkpoint_every == 0:
+                    self.save_checkpoint()
+                    last_saved = p.step
+            del batches
+            if stream_ended or self._epoch_full():
+                started = time.perf_counter()
+                metrics = self.validate()
+                if metrics is not None:
+                    stopped_early = self._after_validation(metrics)
+                p.epoch += 1
+                p.batches_in_epoch = 0
+                window_start += time.perf_counter() - started  # records/s counts training time only
+        if config.val_split is not None and p.last_val_step != p.step:
+            metrics = self.validate()
+            if metrics is not None:
+                stopped_early = self._after_validation(metrics) or stopped_early
+        if last_saved != p.step or p.last_val_step == p.step:
+            self.save_checkpoint()
+        bar.close()
+        return self._finish(stopped_early)
+
+    def _epoch_full(self) -> bool:
+        """Whether an explicit `steps_per_epoch` has been reached in the current epoch."""
+        limit = self.config.steps_per_epoch
+        return limit is not None and self.progress.batches_in_epoch >= limit * self.config.grad_accum
+
+    def _finish(self, stopped_early: bool) -> TrainResult:
+        """Write the final model (if no validation chose one), the loss curve, and the result."""
+        p = self.progress
+        model_path = self.run / "model.safetensors"
+        if self.accelerator.is_main_process:
+            if p.best_step is None:
+                save_weights(self.model, model_path)
+            if self.runlog is not None:
+                self.runlog.close()
+            plot_loss_curve(self.runlog.path if self.runlog else self.run / "metrics.jsonl", self.run / "loss_curve.png")
+        self.accelerator.wait_for_everyone()
+        return TrainResult(self.run, model_path, p.step, p.epoch, p.best_val_acc, p.best_step, stopped_early,
+                           dict(self.losses), list(self.val_history), self.rank)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train a CoDE embedder as `config` says; outputs go to `config.out` (see TrainResult)."""
+    try:
+        return Trainer(config).fit()
+    finally:
+        # Accelerate keeps one global state per process and refuses another precision or device;
+        # dropping it (the process group stays) lets a process run train() again with other settings.
+        AcceleratorState._reset_state()
