@@ -205,6 +205,19 @@ class _Checker:
         return dict(value)
 
 
+def _sampling_fields(check: _Checker, raw: Mapping[str, Any], pipeline: str) -> dict[str, Any]:
+    """The keys an entry and a cascade stage share: weights, dtype, steps, guidance, scheduler."""
+    return {
+        "model": check.model(raw, pipeline),
+        "revision": check.string(raw, "revision", optional=True),
+        "dtype": check.dtype(raw),
+        "variant": check.string(raw, "variant", optional=True),
+        "steps": check.integer(raw, "steps", 1),
+        "guidance": check.number(raw, "guidance"),
+        "scheduler": check.diffusers_class(raw, "scheduler", diffusers.SchedulerMixin, optional=True),
+    }
+
+
 def _parse_stage(path: Path, name: str, index: int, raw: Any) -> StageEntry:
     """Validate one cascade stage."""
     check = _Checker(path, name, prefix=f"stages[{index}].")
@@ -216,13 +229,7 @@ def _parse_stage(path: Path, name: str, index: int, raw: Any) -> StageEntry:
         raise check.fail("share_components", f"must be a list of component names, got {shared!r}")
     return StageEntry(
         pipeline=pipeline,
-        model=check.model(raw, pipeline),
-        revision=check.string(raw, "revision", optional=True),
-        dtype=check.dtype(raw),
-        variant=check.string(raw, "variant", optional=True),
-        steps=check.integer(raw, "steps", 1),
-        guidance=check.number(raw, "guidance"),
-        scheduler=check.diffusers_class(raw, "scheduler", diffusers.SchedulerMixin, optional=True),
+        **_sampling_fields(check, raw, pipeline),
         upscale=check.integer(raw, "upscale", 1),
         share_components=tuple(shared),
         call_kwargs=check.call_kwargs(raw, pipeline),
@@ -260,13 +267,7 @@ def _parse_entry(path: Path, name: Any, raw: Any) -> GeneratorEntry:
     return GeneratorEntry(
         name=name,
         pipeline=pipeline,
-        model=check.model(raw, pipeline),
-        revision=check.string(raw, "revision", optional=True),
-        dtype=check.dtype(raw),
-        variant=check.string(raw, "variant", optional=True),
-        steps=check.integer(raw, "steps", 1),
-        guidance=check.number(raw, "guidance"),
-        scheduler=check.diffusers_class(raw, "scheduler", diffusers.SchedulerMixin, optional=True),
+        **_sampling_fields(check, raw, pipeline),
         sizes=sizes,
         native_size=native_size,
         stages=stages,
