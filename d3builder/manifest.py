@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,11 +185,4 @@ def load_manifest(path: str | Path, output_root: str | Path | None = None) -> Ma
     return manifest
 
 
-def with_output_root(manifest: Manifest, output_root: str | Path) -> Manifest:
-    """A copy of `manifest` writing under another root."""
-    copy = dataclasses.replace(manifest, output_root=str(output_root))
-    copy.path = manifest.path
-    return copy
-
-
-__all__ = ["ConfigError", "Manifest", "load_manifest", "with_output_root", "EMBEDDED_SOURCE", "SPLITS"]
+__all__ = ["ConfigError", "Manifest", "load_manifest", "EMBEDDED_SOURCE", "SPLITS"]
