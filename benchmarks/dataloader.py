@@ -25,15 +25,14 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from common import emit, machine
 from shardkit import REALISTIC, make_d3_shards
 
-from codetrain.augmentations import random_augment, resize_center_crop, to_rgb
 from codetrain.data import D3Records, collate, list_shards, record_rng
 from codetrain.views import IMAGENET_MEAN, IMAGENET_STD, ViewMaker
-from d3builder.schema import generator_slots
-from d3builder.shards import decode_image, iter_rows
-
-from common import emit, machine
+from d3builder.imaging.augmentations import random_augment, resize_center_crop, to_rgb
+from d3builder.storage.schema import generator_slots
+from d3builder.storage.shards import decode_image, iter_rows
 
 
 class NaiveRecords(IterableDataset):

@@ -17,18 +17,22 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from common import emit, machine
 from PIL import Image
 from skimage.data import astronaut
 from tqdm import tqdm
 
-from d3builder.fetch_real import fetch_real
-from d3builder.img2dataset_runner import img2dataset_options, img2dataset_version, import_download, run_download
-from d3builder.manifest import FetchConfig, Manifest, MetadataSource
-from d3builder.schema import RECORD_FEATURES
-from d3builder.serve import serve_folder
-from d3builder.shards import write_shard
-
-from common import emit, machine
+from d3builder.download.img2dataset_runner import (
+    img2dataset_options,
+    img2dataset_version,
+    import_download,
+    run_download,
+)
+from d3builder.embedded.server import serve_folder
+from d3builder.recipe.manifest import FetchConfig, Manifest, MetadataSource
+from d3builder.stages.fetch_real import fetch_real
+from d3builder.storage.schema import RECORD_FEATURES
+from d3builder.storage.shards import write_shard
 
 
 def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[int]:

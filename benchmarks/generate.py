@@ -23,14 +23,18 @@ from pathlib import Path
 
 import torch
 import yaml
-
-from d3builder.generate import Job, generate_shards, manifest_registry, plan_batches
-from d3builder.manifest import Manifest, MetadataSource, load_manifest
-from d3builder.pipelines import load_generator, seed_for, size_for
-from d3builder.schema import RECORD_FEATURES
-from d3builder.shards import write_shard
-
 from common import emit, machine
+
+from d3builder.generators.render import (
+    Job,
+    generate_shards,
+    manifest_registry,
+    plan_batches,
+)
+from d3builder.generators.runtime import load_generator, seed_for, size_for
+from d3builder.recipe.manifest import Manifest, MetadataSource, load_manifest
+from d3builder.storage.schema import RECORD_FEATURES
+from d3builder.storage.shards import write_shard
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 CAPTIONS = ("a red bicycle leaning on a brick wall", "portrait of an old fisherman, oil painting",

@@ -39,9 +39,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from d3builder.pipelines import DTYPE_ARG, load_generator
-from d3builder.registry import GeneratorEntry
-from d3builder.tiny_models import clip_tokenizer
+from d3builder.generators.registry import GeneratorEntry
+from d3builder.generators.runtime import DTYPE_ARG, load_generator
+from d3builder.generators.tiny import clip_tokenizer
 
 SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 VAE = {  # AutoencoderKL of SD 1.x and SDXL (same architecture, different scaling factor)

@@ -18,12 +18,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from common import emit
 
 from codetrain.losses import GLOBAL_KEYS
 from codetrain.model import create_embedder
 from codetrain.train import compute_loss, cpu_has_native_bf16, step_generator
-
-from common import emit
 
 
 def cpu_name() -> str:

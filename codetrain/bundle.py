@@ -24,10 +24,15 @@ import torch
 
 from codetrain.detect import PREPROCESSING
 from codetrain.embed import model_fingerprint
-from codetrain.evaluate import CLASSIFIERS_DIR, MANIFEST, MODEL_FILE, load_fitted_classifiers
+from codetrain.evaluate import (
+    CLASSIFIERS_DIR,
+    MANIFEST,
+    MODEL_FILE,
+    load_fitted_classifiers,
+)
 from codetrain.model import CoDEEmbedder, load_embedder
-from d3builder.layout import safe_name
-from d3builder.shards import atomic_write_bytes, atomic_write_json
+from d3builder.storage.layout import safe_name
+from d3builder.storage.shards import atomic_write_bytes, atomic_write_json
 
 BUNDLE_FORMAT = "codetrain.bundle/1"
 ONNX_FILE = "model.onnx"

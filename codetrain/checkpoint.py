@@ -21,7 +21,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from d3builder.shards import atomic_write_bytes, atomic_write_json, fsync_dir
+from d3builder.storage.shards import atomic_write_bytes, atomic_write_json, fsync_dir
 
 STATE_FORMAT = "codetrain.checkpoint/1"
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from d3builder.commandline import build_parser as _build_parser
-from d3builder.commandline import run
+from d3builder.core.commandline import build_parser as _build_parser
+from d3builder.core.commandline import run
 
 COMMAND_MODULES: list[str] = [
     "codetrain.train_cli",

@@ -12,8 +12,8 @@ from typing import Any, Union, get_args, get_origin
 
 import yaml
 
-from d3builder.shards import atomic_write_bytes
-from d3builder.yamlconfig import ConfigError, from_mapping, read_yaml
+from d3builder.core.yamlconfig import ConfigError, from_mapping, read_yaml
+from d3builder.storage.shards import atomic_write_bytes
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """`auto` = fp16 autocast on a GPU (the paper), bf16 on a CPU with native bf16, else fp32."""

@@ -28,10 +28,16 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from codetrain.realsource import RealImageSource, full_name, is_local, join_url, open_parquet
+from codetrain.realsource import (
+    RealImageSource,
+    full_name,
+    is_local,
+    join_url,
+    open_parquet,
+)
 from codetrain.views import ViewMaker, normalise
-from d3builder.layout import safe_name
-from d3builder.schema import generator_slots
+from d3builder.storage.layout import safe_name
+from d3builder.storage.schema import generator_slots
 
 __all__ = ["D3Records", "RealImageSource", "collate", "list_shards", "record_rng"]
 

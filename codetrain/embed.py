@@ -29,11 +29,11 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from codetrain.augmentations import to_rgb
 from codetrain.realsource import RealImageSource, open_parquet
 from codetrain.views import eval_transform
-from d3builder.schema import generator_slots
-from d3builder.shards import atomic_write_bytes, decode_image
+from d3builder.imaging.augmentations import to_rgb
+from d3builder.storage.schema import generator_slots
+from d3builder.storage.shards import atomic_write_bytes, decode_image
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,13 @@ from torch import nn
 
 from codetrain.classifiers import CLASSIFIERS, FittedClassifier, fit_classifier
 from codetrain.data import RealImageSource, list_shards
-from codetrain.embed import REAL_GENERATOR, Embeddings, embed_shards_cached, model_device, model_fingerprint
+from codetrain.embed import (
+    REAL_GENERATOR,
+    Embeddings,
+    embed_shards_cached,
+    model_device,
+    model_fingerprint,
+)
 from codetrain.metrics import evaluate_predictions, roc_points
 from codetrain.model import load_embedder
 from codetrain.persistence import load_classifier, save_classifier
@@ -38,8 +44,8 @@ from codetrain.report import (
     write_csv,
 )
 from codetrain.robustness import DEFAULT_LEVELS, robustness_sweep, validate_levels
-from d3builder.layout import safe_name
-from d3builder.shards import atomic_write_bytes, atomic_write_json
+from d3builder.storage.layout import safe_name
+from d3builder.storage.shards import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 

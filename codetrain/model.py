@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from d3builder.shards import atomic_write_bytes
+from d3builder.storage.shards import atomic_write_bytes
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 """The paper's backbone: ViT-Tiny, 192-d CLS embedding, about 5.5M parameters."""

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from d3builder.layout import safe_name
+from d3builder.storage.layout import safe_name
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from sklearn.manifold import TSNE
 
 from codetrain.embed import REAL_GENERATOR, Embeddings
 from codetrain.robustness import UNITS
-from d3builder.shards import atomic_write_bytes
+from d3builder.storage.shards import atomic_write_bytes
 
 CSV_COLUMNS = (
     "detector", "classifier", "split", "subset", "n", "acc", "acc_real", "acc_fake", "acc_balanced", "auc", "ap", "threshold",

@@ -6,7 +6,7 @@ JPEG draft mode at the smallest scale that still gives every view at least its o
 resolution. Resizes run on uint8 tensors with torch's antialiased bilinear kernel (the same
 filter as Pillow's, about four times faster) on the decoded pixels shared with Pillow through
 Arrow (RGBX, no copy); a crop is a slice, so crop-then-resize is one interpolation of just the
-crop. Augmentation ops run on PIL images (`codetrain.augmentations`).
+crop. Augmentation ops run on PIL images (`d3builder.imaging.augmentations`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from codetrain.augmentations import Op, apply_ops, draw_ops, to_rgb
+from d3builder.imaging.augmentations import Op, apply_ops, draw_ops, to_rgb
 
 EVAL_SIZE = 224
 RESIZE_RATIO = 248 / 224

@@ -1,3 +1,3 @@
-from .cli import main
+from d3builder.cli import main
 
 raise SystemExit(main())

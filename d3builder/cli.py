@@ -5,19 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commandline import build_parser as _build_parser
-from .commandline import run
+from d3builder.core.commandline import build_parser as _build_parser
+from d3builder.core.commandline import run
 
 COMMAND_MODULES: list[str] = [
-    "d3builder.embedded",
-    "d3builder.select",
-    "d3builder.fetch_real",
-    "d3builder.generate",
-    "d3builder.regenerate",
-    "d3builder.assemble",
-    "d3builder.transform_test",
-    "d3builder.extend",
-    "d3builder.validate",
+    "d3builder.embedded.photos",
+    "d3builder.stages.select",
+    "d3builder.stages.fetch_real",
+    "d3builder.stages.generate",
+    "d3builder.stages.regenerate",
+    "d3builder.stages.assemble",
+    "d3builder.stages.transform_test",
+    "d3builder.stages.extend",
+    "d3builder.stages.validate",
 ]
 """Modules that each define `add_parser(subparsers)`; their order is the order in `--help`."""
 

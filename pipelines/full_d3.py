@@ -17,8 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from d3builder.manifest import load_manifest
-from d3builder.plan import load_throughput, make_plan
+from d3builder.recipe.manifest import load_manifest
+from d3builder.recipe.plan import load_throughput, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,20 +17,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from d3builder.assemble import assemble_dataset
-from d3builder.embedded import embedded_server
-from d3builder.extend import extend
-from d3builder.fetch_real import fetch_real
-from d3builder.generate import generate_shards
-from d3builder.manifest import Manifest, load_manifest
-from d3builder.select import select_records
-from d3builder.transform_test import transform_test
-from d3builder.units import read_stats
-from d3builder.validate import validate_dataset
-
 from codetrain.config import load_config
 from codetrain.evaluate import evaluate
 from codetrain.train import train
+from d3builder.embedded.photos import embedded_server
+from d3builder.generators.render import generate_shards
+from d3builder.recipe.manifest import Manifest, load_manifest
+from d3builder.stages.assemble import assemble_dataset
+from d3builder.stages.extend import extend
+from d3builder.stages.fetch_real import fetch_real
+from d3builder.stages.select import select_records
+from d3builder.stages.transform_test import transform_test
+from d3builder.stages.validate import validate_dataset
+from d3builder.storage.units import read_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_PORT = 8765

@@ -11,8 +11,8 @@ import torch
 import yaml
 from stagekit import make_stage_inputs
 
-from d3builder.manifest import Manifest, load_manifest
-from d3builder.tiny_models import CACHE_ENV
+from d3builder.generators.tiny import CACHE_ENV
+from d3builder.recipe.manifest import Manifest, load_manifest
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 

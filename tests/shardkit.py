@@ -14,8 +14,13 @@ from PIL import Image, ImageFilter
 from skimage import data as skdata
 from sklearn.datasets import load_sample_images
 
-from d3builder.schema import NUM_D3_GENERATORS, REAL_FEATURES, d3_features, elsa_features
-from d3builder.shards import image_cell, write_shard
+from d3builder.storage.schema import (
+    NUM_D3_GENERATORS,
+    REAL_FEATURES,
+    d3_features,
+    elsa_features,
+)
+from d3builder.storage.shards import image_cell, write_shard
 
 GENERATORS = ("deepfloyd-if", "sd14", "sd21", "sdxl")
 MODELS = (

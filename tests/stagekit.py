@@ -13,10 +13,15 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from d3builder.layout import DataLayout
-from d3builder.manifest import Manifest, MetadataSource, TransformTestConfig, load_manifest
-from d3builder.schema import GEN_FEATURES, REAL_FEATURES, RECORD_FEATURES
-from d3builder.shards import image_cell, write_shard
+from d3builder.recipe.manifest import (
+    Manifest,
+    MetadataSource,
+    TransformTestConfig,
+    load_manifest,
+)
+from d3builder.storage.layout import DataLayout
+from d3builder.storage.schema import GEN_FEATURES, REAL_FEATURES, RECORD_FEATURES
+from d3builder.storage.shards import image_cell, write_shard
 
 GENERATORS = ("if-tiny", "sd14-tiny", "sd21-tiny", "sdxl-tiny")
 ENCODINGS = ("JPEG", "PNG", "GIF", "BMP", "TIFF")

@@ -12,12 +12,12 @@ import pytest
 import yaml
 from datasets import load_dataset
 from PIL import Image
+from stagekit import GENERATORS, make_stage_inputs
 
 from d3builder import cli
-from d3builder.assemble import assemble_dataset, assemble_shard
-from d3builder.schema import d3_features, elsa_features
-from d3builder.validate import validate_dataset
-from stagekit import GENERATORS, make_stage_inputs
+from d3builder.stages.assemble import assemble_dataset, assemble_shard
+from d3builder.stages.validate import validate_dataset
+from d3builder.storage.schema import d3_features, elsa_features
 
 EXT = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 

@@ -1,4 +1,4 @@
-"""Tests for the CoDE augmentation library (codetrain.augmentations)."""
+"""Tests for the CoDE augmentation library (d3builder.imaging.augmentations)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from codetrain.augmentations import (
+from d3builder.imaging.augmentations import (
     FAMILIES,
     Op,
     apply_family,

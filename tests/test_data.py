@@ -12,11 +12,17 @@ import torch
 from shardkit import GENERATORS, MODELS, make_d3_shards, shard_ids, write_real_sources
 from torch.utils.data import DataLoader
 
-from codetrain.data import D3Records, RealImageSource, collate, list_shards, shuffle_order
+from codetrain.data import (
+    D3Records,
+    RealImageSource,
+    collate,
+    list_shards,
+    shuffle_order,
+)
 from codetrain.views import VIEW_KEYS, ViewMaker
-from d3builder.schema import REAL_FEATURES, d3_features
-from d3builder.serve import serve_folder
-from d3builder.shards import write_shard
+from d3builder.embedded.server import serve_folder
+from d3builder.storage.schema import REAL_FEATURES, d3_features
+from d3builder.storage.shards import write_shard
 
 N = 45
 BATCH = 4

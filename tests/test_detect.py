@@ -14,7 +14,13 @@ from shardkit import fake_look, photo_crop
 
 from codetrain.cli import main
 from codetrain.detect import CSV_COLUMNS, detect, find_images, load_detector
-from codetrain.embed import REAL_GENERATOR, Embeddings, embed_images, model_fingerprint, open_image_file
+from codetrain.embed import (
+    REAL_GENERATOR,
+    Embeddings,
+    embed_images,
+    model_fingerprint,
+    open_image_file,
+)
 from codetrain.evaluate import fit_classifiers
 from codetrain.model import create_embedder, save_weights
 from codetrain.views import eval_transform

@@ -16,10 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from d3builder.embedded import embedded_server, photo_specs, prepare_photos, write_metadata
-from d3builder.manifest import load_manifest
-from d3builder.schema import LAION_COLUMNS
-from d3builder.select import select_records
+from d3builder.embedded.photos import (
+    embedded_server,
+    photo_specs,
+    prepare_photos,
+    write_metadata,
+)
+from d3builder.recipe.manifest import load_manifest
+from d3builder.stages.select import select_records
+from d3builder.storage.schema import LAION_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 PART_NAME = re.compile(r"^part-(\d{5})-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}-c000\.snappy\.parquet$")

@@ -10,18 +10,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from shardkit import GENERATORS, MODELS, Sizes, make_d3_shards, make_record, write_real_sources
+from shardkit import (
+    GENERATORS,
+    MODELS,
+    Sizes,
+    make_d3_shards,
+    make_record,
+    write_real_sources,
+)
 
 from codetrain.cli import main
 from codetrain.data import RealImageSource
-from codetrain.embed import Embeddings, embed_shards, embed_shards_cached, model_fingerprint
+from codetrain.embed import (
+    Embeddings,
+    embed_shards,
+    embed_shards_cached,
+    model_fingerprint,
+)
 from codetrain.evaluate import EvaluationResult, evaluate, load_fitted_classifiers
 from codetrain.metrics import evaluate_predictions
 from codetrain.model import create_embedder, load_embedder, save_weights
 from codetrain.report import embedding_map, plot_embedding_map
 from codetrain.robustness import perturb, validate_levels
-from d3builder.schema import d3_features
-from d3builder.shards import image_cell, write_shard
+from d3builder.storage.schema import d3_features
+from d3builder.storage.shards import image_cell, write_shard
 
 LEVELS = {"jpeg": (50,), "downscale": (0.5,), "blur": (1.0,), "crop": (0.7,)}
 EXTENDED = ("gan-x", "sd14")

@@ -12,11 +12,11 @@ from genkit import MANIFESTS, make_records, one_thread, tiny_cache  # noqa: F401
 from PIL import Image
 
 from d3builder import cli
-from d3builder.extend import extend
-from d3builder.manifest import Manifest
-from d3builder.pipelines import seed_for
-from d3builder.registry import RegistryError
-from d3builder.schema import d3_features
+from d3builder.generators.registry import RegistryError
+from d3builder.generators.runtime import seed_for
+from d3builder.recipe.manifest import Manifest
+from d3builder.stages.extend import extend
+from d3builder.storage.schema import d3_features
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,12 @@ from PIL import Image
 from skimage.data import astronaut
 
 from d3builder.cli import COMMAND_MODULES
-from d3builder.fetch_real import STAGE, add_parser, fetch_real, inspect_image
-from d3builder.manifest import FetchConfig, Manifest, MetadataSource
-from d3builder.schema import REAL_FEATURES, RECORD_FEATURES
-from d3builder.serve import serve_folder
-from d3builder.shards import read_features, validate_shard, write_shard
-from d3builder.units import read_stats
+from d3builder.embedded.server import serve_folder
+from d3builder.recipe.manifest import FetchConfig, Manifest, MetadataSource
+from d3builder.stages.fetch_real import STAGE, add_parser, fetch_real, inspect_image
+from d3builder.storage.schema import REAL_FEATURES, RECORD_FEATURES
+from d3builder.storage.shards import read_features, validate_shard, write_shard
+from d3builder.storage.units import read_stats
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = {  # file name -> the PIL format it must be recorded as
@@ -250,7 +250,7 @@ def test_inspect_image_guards_against_bombs_below_pillows_error_threshold():
 
 
 def test_cli_parses_shards_and_refuses_bad_lists(capsys):
-    assert "d3builder.fetch_real" in COMMAND_MODULES
+    assert "d3builder.stages.fetch_real" in COMMAND_MODULES
     parser = argparse.ArgumentParser(prog="d3builder")
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["fetch-real", "--manifest", "m.yaml", "--shards", "0,3", "--retry-failed"])

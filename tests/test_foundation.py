@@ -13,12 +13,17 @@ import pytest
 from datasets import load_dataset
 from PIL import Image
 
-from d3builder import schema
-from d3builder.layout import DataLayout, safe_name
-from d3builder.manifest import load_manifest
-from d3builder.shards import image_cell, read_features, validate_shard, write_shard
-from d3builder.units import claim, shards_for_process
-from d3builder.yamlconfig import ConfigError
+from d3builder.core.yamlconfig import ConfigError
+from d3builder.recipe.manifest import load_manifest
+from d3builder.storage import schema
+from d3builder.storage.layout import DataLayout, safe_name
+from d3builder.storage.shards import (
+    image_cell,
+    read_features,
+    validate_shard,
+    write_shard,
+)
+from d3builder.storage.units import claim, shards_for_process
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from scriptkit import run_script
 
-from d3builder.manifest import load_manifest
-from d3builder.plan import load_throughput, make_plan
-from d3builder.yamlconfig import ConfigError
+from d3builder.core.yamlconfig import ConfigError
+from d3builder.recipe.manifest import load_manifest
+from d3builder.recipe.plan import load_throughput, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +37,8 @@ def test_plan_hours_follow_the_throughput_table(tmp_path: Path) -> None:
 
 
 def test_plan_uses_the_selected_count_once_select_ran(tmp_path: Path) -> None:
-    from d3builder.embedded import embedded_server
-    from d3builder.select import select_records
+    from d3builder.embedded.photos import embedded_server
+    from d3builder.stages.select import select_records
 
     manifest = load_manifest(ROOT / "manifests" / "tiny.yaml", output_root=tmp_path)
     with embedded_server() as base_url:

@@ -18,21 +18,26 @@ from genkit import MANIFESTS, make_records, one_thread, save_manifest, tiny_cach
 from PIL import Image
 
 from d3builder import cli
-from d3builder.encoding import (
+from d3builder.generators.encoding import (
     FORMATS,
     Encoding,
     draw_encoding,
     encode_image,
     jpeg_quality_for,
 )
-from d3builder.generate import Job, failure_reason, generate_shards, plan_batches
-from d3builder.manifest import Manifest
-from d3builder.pipelines import seed_for, size_for
-from d3builder.regenerate import file_stem, regenerate
-from d3builder.registry import RegistryError, load_registries
-from d3builder.schema import GEN_FEATURES
-from d3builder.shards import read_features, validate_shard, write_shard
-from d3builder.tiny_models import build_tiny
+from d3builder.generators.registry import RegistryError, load_registries
+from d3builder.generators.render import (
+    Job,
+    failure_reason,
+    generate_shards,
+    plan_batches,
+)
+from d3builder.generators.runtime import seed_for, size_for
+from d3builder.generators.tiny import build_tiny
+from d3builder.recipe.manifest import Manifest
+from d3builder.stages.regenerate import file_stem, regenerate
+from d3builder.storage.schema import GEN_FEATURES
+from d3builder.storage.shards import read_features, validate_shard, write_shard
 
 TWIN_FORMATS = {"if-tiny": "PNG", "sd14-tiny": "JPEG", "sd21-tiny": "GIF", "sdxl-tiny": "TIFF"}
 """Each D3 twin renders with a mix forcing one format, so every format is checked on real output."""

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from genkit import make_records, one_thread, tiny_cache  # noqa: F401 - fixtures
 
-from d3builder.manifest import Manifest
+from d3builder.recipe.manifest import Manifest
 
 pytestmark = pytest.mark.slow
 GENERATOR = "sd14-tiny"

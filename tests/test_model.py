@@ -10,7 +10,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from codetrain.model import CONFIG_KEY, CoDEEmbedder, create_embedder, load_embedder, load_weights, save_weights
+from codetrain.model import (
+    CONFIG_KEY,
+    CoDEEmbedder,
+    create_embedder,
+    load_embedder,
+    load_weights,
+    save_weights,
+)
 
 
 @pytest.fixture(scope="module")

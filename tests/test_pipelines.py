@@ -13,7 +13,8 @@ import torch
 from diffusers.utils import is_bs4_available, is_ftfy_available
 from PIL import Image
 
-from d3builder.pipelines import (
+from d3builder.generators.registry import GeneratorEntry, load_registries
+from d3builder.generators.runtime import (
     NAN_OUTPUT,
     LoadedGenerator,
     load_generator,
@@ -21,8 +22,13 @@ from d3builder.pipelines import (
     seed_for,
     size_for,
 )
-from d3builder.registry import GeneratorEntry, load_registries
-from d3builder.tiny_models import CACHE_ENV, TINY_VERSION, build_tiny, clip_tokenizer, t5_tokenizer
+from d3builder.generators.tiny import (
+    CACHE_ENV,
+    TINY_VERSION,
+    build_tiny,
+    clip_tokenizer,
+    t5_tokenizer,
+)
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 TWINS = ["sd14-tiny", "sd21-tiny", "sdxl-tiny", "if-tiny", "pixart-tiny", "lcm-tiny"]

@@ -11,7 +11,7 @@ from datasets import load_dataset
 from PIL import Image
 from scriptkit import run_script
 
-from d3builder.manifest import load_manifest
+from d3builder.recipe.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATORS = ["if-tiny", "sd14-tiny", "sd21-tiny", "sdxl-tiny"]

@@ -10,7 +10,12 @@ from typing import Any
 import pytest
 import yaml
 
-from d3builder.registry import GeneratorEntry, RegistryError, load_registries, load_registry
+from d3builder.generators.registry import (
+    GeneratorEntry,
+    RegistryError,
+    load_registries,
+    load_registry,
+)
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 D3_SIZES = ((256, 256), (512, 512), (640, 480), (640, 360))

@@ -14,10 +14,16 @@ import pytest
 import yaml
 
 from d3builder import cli
-from d3builder.manifest import Manifest, load_manifest
-from d3builder.schema import LAION_COLUMNS, RECORD_FEATURES
-from d3builder.select import REASONS, SelectError, select_records, selection_hash, split_of
-from d3builder.shards import read_features
+from d3builder.recipe.manifest import Manifest, load_manifest
+from d3builder.stages.select import (
+    REASONS,
+    SelectError,
+    select_records,
+    selection_hash,
+    split_of,
+)
+from d3builder.storage.schema import LAION_COLUMNS, RECORD_FEATURES
+from d3builder.storage.shards import read_features
 
 SEED = 7
 SPLITS = {"train": 0.6, "validation": 0.2, "test": 0.2}

@@ -13,6 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
+from shardkit import make_d3_shards, write_real_sources
 
 from codetrain import checkpoint as ckpt
 from codetrain.cli import main as cli_main
@@ -27,7 +28,6 @@ from codetrain.train import (
     step_generator,
     train,
 )
-from shardkit import make_d3_shards, write_real_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(model="test_vit", img_size=64, local_size=32, batch_size=8, log_every=1, progress=False,

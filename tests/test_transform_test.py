@@ -13,15 +13,20 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import load_dataset
 from PIL import Image
-
-from codetrain.augmentations import Op, apply_ops
-from d3builder import cli
-from d3builder.assemble import assemble_dataset
-from d3builder.schema import d3_features
-from d3builder.shards import image_cell, write_shard
-from d3builder.transform_test import augm_features, encode, image_rng, transform_test
-from d3builder.validate import validate_dataset
 from stagekit import make_stage_inputs
+
+from d3builder import cli
+from d3builder.imaging.augmentations import Op, apply_ops
+from d3builder.stages.assemble import assemble_dataset
+from d3builder.stages.transform_test import (
+    augm_features,
+    encode,
+    image_rng,
+    transform_test,
+)
+from d3builder.stages.validate import validate_dataset
+from d3builder.storage.schema import d3_features
+from d3builder.storage.shards import image_cell, write_shard
 
 IMAGE_COLUMNS = ("real", "gen0", "gen1", "gen2", "gen3")
 

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from stagekit import make_stage_inputs
 
 from d3builder import cli
-from d3builder.assemble import assemble_dataset
-from d3builder.schema import d3_features, elsa_features
-from d3builder.shards import image_cell, read_features, write_shard
-from d3builder.transform_test import transform_test
-from d3builder.validate import validate_dataset
-from stagekit import make_stage_inputs
+from d3builder.stages.assemble import assemble_dataset
+from d3builder.stages.transform_test import transform_test
+from d3builder.stages.validate import validate_dataset
+from d3builder.storage.schema import d3_features, elsa_features
+from d3builder.storage.shards import image_cell, read_features, write_shard
 
 
 @pytest.fixture

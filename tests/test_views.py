@@ -11,7 +11,6 @@ from PIL import Image
 from skimage import data as skdata
 from torchvision import transforms
 
-from codetrain.augmentations import Op, apply_ops
 from codetrain.views import (
     GLOBAL_SCALE,
     IMAGENET_MEAN,
@@ -25,6 +24,7 @@ from codetrain.views import (
     resize_short,
     to_uint8,
 )
+from d3builder.imaging.augmentations import Op, apply_ops
 
 
 def jpeg_bytes(img: Image.Image, quality: int = 92) -> bytes:

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .manifest import FetchConfig
+from d3builder.recipe.manifest import FetchConfig
 
 BYTES_COLUMN = "jpg"
 """img2dataset names its image column after `encode_format`, even when it holds the server's bytes unchanged."""

@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .layout import safe_name
-from .schema import LAION_COLUMNS
-from .serve import serve_folder
-from .shards import atomic_write_bytes
+from d3builder.embedded.server import serve_folder
+from d3builder.storage.layout import safe_name
+from d3builder.storage.schema import LAION_COLUMNS
+from d3builder.storage.shards import atomic_write_bytes
 
 CAPTIONS_FILE = "embedded_captions.yaml"
 DEFAULT_PORT = 8765
@@ -91,7 +91,7 @@ def photo_specs() -> tuple[PhotoSpec, ...]:
     """Read and check the captions file shipped in `d3builder/data`."""
     import yaml
 
-    text = resources.files("d3builder").joinpath("data", CAPTIONS_FILE).read_text(encoding="utf-8")
+    text = resources.files("d3builder.embedded").joinpath("data", CAPTIONS_FILE).read_text(encoding="utf-8")
     entries = yaml.safe_load(text)["photos"]
     specs = []
     for entry in entries:

@@ -1,4 +1,4 @@
-"""`generate`: render one generator's image for every record, shard by shard, under Accelerate.
+"""Rendering records shards with one generator: the engine behind `generate` and `extend`.
 
 Each process takes its share of the records shards (round robin by process index) and claims each
 unit with a lock file, so several nodes on one filesystem never render the same shard. Per shard:
@@ -13,7 +13,6 @@ image's exact batch.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -33,12 +32,19 @@ import transformers
 from accelerate import PartialState
 from tqdm import tqdm
 
-from .assemble import extension
-from .cliargs import add_manifest_args, manifest_from_args
-from .encoding import check_mix, check_quality_range, draw_encoding, encode_image
-from .layout import DataLayout
-from .manifest import SPLITS, Manifest
-from .pipelines import (
+from d3builder.generators.encoding import (
+    check_mix,
+    check_quality_range,
+    draw_encoding,
+    encode_image,
+)
+from d3builder.generators.registry import (
+    DTYPES,
+    GeneratorEntry,
+    RegistryError,
+    load_registries,
+)
+from d3builder.generators.runtime import (
     NAN_OUTPUT,
     GenerationResult,
     LoadedGenerator,
@@ -47,10 +53,17 @@ from .pipelines import (
     seed_for,
     size_for,
 )
-from .registry import DTYPES, GeneratorEntry, RegistryError, load_registries
-from .schema import GEN_FEATURES
-from .shards import ShardStream, image_cell, write_shard
-from .units import claim, is_done, read_stats, shards_for_process, write_stats
+from d3builder.recipe.manifest import SPLITS, Manifest
+from d3builder.storage.layout import DataLayout, extension
+from d3builder.storage.schema import GEN_FEATURES
+from d3builder.storage.shards import ShardStream, image_cell, write_shard
+from d3builder.storage.units import (
+    claim,
+    is_done,
+    read_stats,
+    shards_for_process,
+    write_stats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -395,24 +408,6 @@ def generate_shards(
     return summary
 
 
-def add_speed_args(parser: argparse.ArgumentParser) -> None:
-    """Batch size and the speed switches (documented defaults)."""
-    parser.add_argument("--batch-size", type=int, help="images per pipeline call (default: the manifest's generate.batch_size)")
-    parser.add_argument("--dtype", choices=DTYPES, help="override every stage's dtype (default: the registry entry's)")
-    parser.add_argument("--no-sdpa", dest="sdpa", action="store_false",
-                        help="classic attention instead of torch scaled_dot_product_attention (default: SDPA on)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser (default: off)")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last UNet and VAE (default: off)")
-    parser.add_argument("--vae-slicing", action="store_true", help="decode the batch one image at a time (default: off)")
-    parser.add_argument("--vae-tiling", action="store_true", help="decode in tiles, for large images (default: off)")
-
-
-def speed_from_args(args: argparse.Namespace) -> SpeedOptions:
-    """SpeedOptions from the parsed flags."""
-    return SpeedOptions(dtype=args.dtype, sdpa=args.sdpa, compile=args.compile, channels_last=args.channels_last,
-                        vae_slicing=args.vae_slicing, vae_tiling=args.vae_tiling)
-
-
 def print_summary(summary: GenerateSummary) -> None:
     """Print one process's summary (prefixed with its rank when there are several)."""
     prefix = f"[process {summary.process_index}/{summary.num_processes}] " if summary.num_processes > 1 else ""
@@ -425,32 +420,3 @@ def print_summary(summary: GenerateSummary) -> None:
         print(f"{prefix}shard {shard}: NOT generated, {problem}")
     if summary.busy:
         print(f"{prefix}shards claimed by another process: {summary.busy}")
-
-
-def _run(args: argparse.Namespace) -> int:
-    manifest = manifest_from_args(args)
-    try:
-        summary = generate_shards(manifest, args.generator, shards=args.shards, batch_size=args.batch_size,
-                                  speed=speed_from_args(args))
-    except (RegistryError, ValueError) as exc:
-        print(f"d3builder generate: {exc}", flush=True)
-        return 2
-    print_summary(summary)
-    return 0 if summary.complete else 1
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `d3builder generate`."""
-    parser = subparsers.add_parser(
-        "generate",
-        help="render one generator's image for every record into gen/{generator}/{k}.parquet",
-        description="Render every records shard with one registry generator (batched by output size, seeded per "
-        "record, encoded per the LAION mix) into gen/{g}/{k}.parquet with stats/generate/{g}/{k}.json. "
-        "Resumable; failures are recorded per image. Distributed: accelerate launch --multi_gpu "
-        "--num_processes N -m d3builder generate ...",
-    )
-    add_manifest_args(parser)
-    parser.add_argument("--generator", "-g", required=True, help="registry entry name, e.g. sd14 or sd14-tiny")
-    parser.add_argument("--shards", type=int, nargs="+", help="only these records shard numbers (default: all)")
-    add_speed_args(parser)
-    parser.set_defaults(func=_run)

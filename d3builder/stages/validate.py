@@ -16,10 +16,16 @@ import pyarrow.parquet as pq
 from datasets import Features
 from tqdm import tqdm
 
-from .card import card_split_counts, in_split_order
-from .schema import d3_features, elsa_features, generator_slots
-from .shards import DEFAULT_ROW_GROUP_SIZE, decode_image
-from .transform_test import AUGM_SPLIT, SOURCE_SPLIT, augm_features
+from d3builder.storage.card import card_split_counts, in_split_order
+from d3builder.storage.schema import (
+    AUGM_SPLIT,
+    SOURCE_SPLIT,
+    augm_features,
+    d3_features,
+    elsa_features,
+    generator_slots,
+)
+from d3builder.storage.shards import DEFAULT_ROW_GROUP_SIZE, decode_image
 
 HELD_OUT = (SOURCE_SPLIT, AUGM_SPLIT)
 """Splits whose records may also appear in each other and in the extended test set (never in train/validation)."""

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .shards import atomic_write_json
+from d3builder.storage.shards import atomic_write_json
 
 DEFAULT_CLAIM_TTL_S = 6 * 3600
 """A claim older than this is taken to belong to a dead node and may be taken over."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import io
 import json
 import logging
@@ -12,28 +11,29 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pyarrow.parquet as pq
-from datasets import Features
 from PIL import Image
 from tqdm import tqdm
 
-from .assemble import extension
-from .card import split_shards, write_dataset_card
-from .cliargs import add_manifest_args, manifest_from_args
-from .layout import shard_number
-from .manifest import Manifest
-from .schema import STRING, d3_features, generator_slots
-from .shards import DEFAULT_ROW_GROUP_SIZE, ShardStream, decode_image
-from .units import claim, unit_done, write_stats
+from d3builder.imaging.augmentations import FAMILIES, apply_ops, draw_ops
+from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
+from d3builder.recipe.manifest import Manifest
+from d3builder.storage.card import split_shards, write_dataset_card
+from d3builder.storage.layout import extension, shard_number
+from d3builder.storage.schema import (
+    AUGM_SPLIT,
+    SOURCE_SPLIT,
+    augm_features,
+    generator_slots,
+)
+from d3builder.storage.shards import DEFAULT_ROW_GROUP_SIZE, ShardStream, decode_image
+from d3builder.storage.units import claim, unit_done, write_stats
 
 logger = logging.getLogger(__name__)
 
 STAGE = "transform_test"
-SOURCE_SPLIT = "test"
-AUGM_SPLIT = "test_augm"
 JPEG_QUALITY = 95
 """Quality of the final JPEG/WebP re-encoding (the JPEG-quality family, when drawn, acts before it)."""
 SAVE_FORMATS = {
@@ -47,22 +47,6 @@ SAVE_FORMATS = {
     "WEBP": "WEBP",
 }
 """Pillow format used to re-encode each original encoding; anything else is written as PNG."""
-
-
-def augmentations() -> ModuleType:
-    """The CoDE augmentation module, imported on first use (a clear error if codetrain is unavailable)."""
-    try:
-        return importlib.import_module("codetrain.augmentations")
-    except ImportError as exc:
-        raise RuntimeError(f"transform-test needs codetrain.augmentations (install d3code fully): {exc}") from exc
-
-
-def augm_features(num_generators: int) -> Features:
-    """The `test_augm` schema: the d3 schema plus the ops applied to each image, as JSON strings."""
-    columns = dict(d3_features(num_generators))
-    columns["augm_real"] = STRING
-    columns.update({f"augm_gen{slot}": STRING for slot in range(num_generators)})
-    return Features(columns)
 
 
 def image_rng(seed: int, record: str, column: str) -> np.random.Generator:
@@ -108,7 +92,7 @@ class _Transformer:
     """Augments every image of a row, recording the ops."""
 
     def __init__(self, seed: int, max_ops: int, slots: list[int]) -> None:
-        self.seed, self.max_ops, self.aug = seed, max_ops, augmentations()
+        self.seed, self.max_ops = seed, max_ops
         self.columns = [("real", "image_real", "encoding_real")] + [
             (f"gen{s}", f"image_gen{s}", f"encoding_gen{s}") for s in slots
         ]
@@ -122,8 +106,8 @@ class _Transformer:
                 image = decode_image(row[image_column])
             except Exception as exc:  # noqa: BLE001 - any decoder failure names its column
                 raise UndecodableImage(image_column, exc) from exc
-            ops = self.aug.draw_ops(image_rng(self.seed, row["id"], image_column), self.max_ops)
-            augmented = self.aug.apply_ops(image, ops)
+            ops = draw_ops(image_rng(self.seed, row["id"], image_column), self.max_ops)
+            augmented = apply_ops(image, ops)
             data, fmt = encode(augmented, row[encoding_column] or image.format)
             self.families.update(op.family for op in ops)
             out[image_column] = {"bytes": data, "path": _with_extension(row[image_column].get("path"), fmt)}
@@ -186,7 +170,7 @@ def _transform_claimed(
             "seed": config.seed,
             "max_ops": config.max_ops,
             "jpeg_quality": JPEG_QUALITY,
-            "families": sorted(transformer.aug.FAMILIES),
+            "families": sorted(FAMILIES),
             "ops_drawn": dict(sorted(transformer.families.items())),
             "seconds": round(time.time() - started, 3),
         },
@@ -195,7 +179,6 @@ def _transform_claimed(
 
 def transform_test(manifest: Manifest, progress: bool = True) -> TransformSummary:
     """Build d3/test_augm/ from every d3/test/ shard not yet done, then rewrite the dataset card."""
-    augmentations()
     d3_dir = manifest.layout.d3_dir()
     sources = split_shards(d3_dir).get(SOURCE_SPLIT, []) if d3_dir.is_dir() else []
     if not sources:

@@ -39,12 +39,12 @@ import pyarrow.dataset as ds
 from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
-from .cliargs import add_manifest_args, manifest_from_args
-from .layout import DataLayout
-from .manifest import EMBEDDED_SOURCE, SPLITS, Manifest
-from .schema import LAION_COLUMNS, RECORD_FEATURES
-from .shards import write_shard
-from .units import read_stats, write_stats
+from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
+from d3builder.recipe.manifest import EMBEDDED_SOURCE, SPLITS, Manifest
+from d3builder.storage.layout import DataLayout
+from d3builder.storage.schema import LAION_COLUMNS, RECORD_FEATURES
+from d3builder.storage.shards import write_shard
+from d3builder.storage.units import read_stats, write_stats
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def resolve_source(manifest: Manifest, embedded_base_url: str | None) -> str:
                 "photos are served: start `d3builder serve-embedded` and pass the URL it prints with "
                 "--embedded-base-url"
             )
-        from .embedded import write_metadata
+        from d3builder.embedded.photos import write_metadata
 
         folder = manifest.layout.root / "embedded"
         write_metadata(folder, embedded_base_url)

@@ -12,7 +12,7 @@ from typing import Any
 import diffusers
 import yaml
 
-from d3builder.tiny_models import TINY_PIPELINES
+from d3builder.generators.tiny import TINY_PIPELINES
 
 DTYPES = ("float16", "bfloat16", "float32")
 TINY_SCHEME = "tiny://"

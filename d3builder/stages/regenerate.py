@@ -20,16 +20,26 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from .assemble import extension
-from .cliargs import add_manifest_args, manifest_from_args
-from .encoding import Encoding, draw_encoding, encode_image, jpeg_quality_for
-from .generate import STAGE, Job, manifest_registry, plan_batches, registry_entry
-from .layout import DataLayout, shard_number
-from .manifest import Manifest
-from .pipelines import LoadedGenerator, load_generator
-from .registry import GeneratorEntry, RegistryError
-from .shards import atomic_write_bytes
-from .units import read_stats
+from d3builder.generators.encoding import (
+    Encoding,
+    draw_encoding,
+    encode_image,
+    jpeg_quality_for,
+)
+from d3builder.generators.registry import GeneratorEntry, RegistryError
+from d3builder.generators.render import (
+    STAGE,
+    Job,
+    manifest_registry,
+    plan_batches,
+    registry_entry,
+)
+from d3builder.generators.runtime import LoadedGenerator, load_generator
+from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
+from d3builder.recipe.manifest import Manifest
+from d3builder.storage.layout import DataLayout, extension, shard_number
+from d3builder.storage.shards import atomic_write_bytes
+from d3builder.storage.units import read_stats
 
 META_COLUMNS = ["id", "status", "seed", "width", "height", "prompt", "negative_prompt", "encoding",
                 "num_inference_steps", "guidance_scale", "scheduler", "model", "model_revision"]

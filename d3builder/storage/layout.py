@@ -16,6 +16,14 @@ def safe_name(name: str, what: str = "name") -> str:
     return name
 
 
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff", "WEBP": "webp"}
+"""File extension of each image encoding, for the ELSA-style `filepath_gen{i}` and image paths."""
+
+def extension(encoding: str | None) -> str:
+    """The file extension of an encoding name (JPEG -> jpg), `bin` when unknown."""
+    return EXTENSIONS.get((encoding or "").upper(), "bin")
+
+
 def shard_name(shard: int) -> str:
     """The zero-padded file stem of shard number `shard`."""
     if shard < 0:

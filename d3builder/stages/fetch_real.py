@@ -25,13 +25,17 @@ from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
-from .cliargs import add_manifest_args, manifest_from_args
-from .img2dataset_runner import fetch_rows, img2dataset_options, img2dataset_version
-from .layout import DataLayout, shard_name
-from .manifest import FetchConfig, Manifest
-from .schema import REAL_FEATURES
-from .shards import write_shard
-from .units import claim, is_done, read_stats, write_stats
+from d3builder.download.img2dataset_runner import (
+    fetch_rows,
+    img2dataset_options,
+    img2dataset_version,
+)
+from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
+from d3builder.recipe.manifest import FetchConfig, Manifest
+from d3builder.storage.layout import DataLayout, shard_name
+from d3builder.storage.schema import REAL_FEATURES
+from d3builder.storage.shards import write_shard
+from d3builder.storage.units import claim, is_done, read_stats, write_stats
 
 STAGE = "fetch-real"
 SUCCESS, FAILED = "success", "failed"

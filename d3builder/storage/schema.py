@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from datasets import Features, Image, Value
 
+SPLITS = ("train", "validation", "test")
+"""The record splits of D3, in order."""
+
 NUM_D3_GENERATORS = 4
 
 STRING, INT, FLOAT, BOOL = Value("string"), Value("int64"), Value("float64"), Value("bool")
@@ -148,3 +151,17 @@ def generator_slots(column_names: list[str] | tuple[str, ...]) -> list[int]:
         if name.startswith("image_gen") and name[len("image_gen"):].isdigit():
             slots.append(int(name[len("image_gen"):]))
     return sorted(slots)
+
+
+SOURCE_SPLIT = "test"
+"""The split that `transform-test` transforms."""
+AUGM_SPLIT = "test_augm"
+"""The test split with transformations."""
+
+
+def augm_features(num_generators: int) -> Features:
+    """The `test_augm` schema: the d3 schema plus the ops applied to each image, as JSON strings."""
+    columns = dict(d3_features(num_generators))
+    columns["augm_real"] = STRING
+    columns.update({f"augm_gen{slot}": STRING for slot in range(num_generators)})
+    return Features(columns)

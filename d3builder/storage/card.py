@@ -14,9 +14,9 @@ from datasets.info import DatasetInfosDict
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from .layout import shard_number
-from .manifest import Manifest
-from .shards import atomic_write_bytes, read_features
+from d3builder.recipe.manifest import Manifest
+from d3builder.storage.layout import shard_number
+from d3builder.storage.shards import atomic_write_bytes, read_features
 
 SPLIT_ORDER = ("train", "validation", "test", "test_augm")
 SOFTWARE = ("d3code", "torch", "diffusers", "transformers", "datasets", "pyarrow", "pillow")
@@ -181,7 +181,7 @@ def _body(
             f"seeded by (seed {augm.get('seed')}, record id, column). Each image is re-encoded in its original "
             f"encoding (JPEG and WebP at quality {augm.get('jpeg_quality')}). The ops applied to each image are "
             "recorded as JSON in `augm_real` and `augm_gen{i}` and replay exactly with "
-            "`codetrain.augmentations.apply_ops`.",
+            "`d3builder.imaging.augmentations.apply_ops`.",
         ]
     sections += [
         "## Source",

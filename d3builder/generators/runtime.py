@@ -14,8 +14,8 @@ import transformers
 from diffusers.utils import deprecation_utils, is_bs4_available, is_ftfy_available
 from PIL import Image, ImageOps
 
-from d3builder.registry import TINY_SCHEME, GeneratorEntry, StageEntry
-from d3builder.tiny_models import TINY_VERSION, tiny_model_path
+from d3builder.generators.registry import TINY_SCHEME, GeneratorEntry, StageEntry
+from d3builder.generators.tiny import TINY_VERSION, tiny_model_path
 
 NAN_OUTPUT = "nan_output"
 MAX_ERROR_CHARS = 500

@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .yamlconfig import ConfigError
+from d3builder.core.yamlconfig import ConfigError
 
 
 def build_parser(prog: str, description: str, modules: Sequence[str]) -> argparse.ArgumentParser:

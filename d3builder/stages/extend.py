@@ -17,7 +17,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .assemble import (
+from d3builder.generators.registry import RegistryError
+from d3builder.generators.render import (
+    GenerateSummary,
+    SpeedOptions,
+    done,
+    generate_shards,
+    manifest_registry,
+    print_summary,
+    process_state,
+    registry_entry,
+)
+from d3builder.recipe.cliargs import (
+    add_manifest_args,
+    add_speed_args,
+    manifest_from_args,
+    speed_from_args,
+)
+from d3builder.recipe.manifest import Manifest
+from d3builder.storage.pairing import (
     GEN_META,
     REAL_META,
     InputError,
@@ -25,24 +43,9 @@ from .assemble import (
     paired_row,
     read_records,
 )
-from .cliargs import add_manifest_args, manifest_from_args
-from .generate import (
-    GenerateSummary,
-    SpeedOptions,
-    add_speed_args,
-    done,
-    generate_shards,
-    manifest_registry,
-    print_summary,
-    process_state,
-    registry_entry,
-    speed_from_args,
-)
-from .manifest import Manifest
-from .registry import RegistryError
-from .schema import d3_features
-from .shards import ShardStream
-from .units import claim, shards_for_process, unit_done, write_stats
+from d3builder.storage.schema import d3_features
+from d3builder.storage.shards import ShardStream
+from d3builder.storage.units import claim, shards_for_process, unit_done, write_stats
 
 logger = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .manifest import Manifest
-from .registry import load_registries
-from .select import SelectStats
-from .yamlconfig import from_mapping, read_yaml
+from d3builder.core.yamlconfig import from_mapping, read_yaml
+from d3builder.generators.registry import load_registries
+from d3builder.recipe.manifest import Manifest
+from d3builder.storage.units import read_stats
 
 LAION_400M_ROWS = 413_000_000
 """Samples in LAION-400M (D3_FACTS.md)."""
@@ -89,7 +89,7 @@ def _selected_records(manifest: Manifest) -> tuple[int, str]:
     """Records `select` chose (if it ran) or the recipe's estimate from the LAION-400M size."""
     stats = manifest.layout.stats("select", 0)
     if stats.is_file():
-        return SelectStats.from_file(stats).kept, "selected"
+        return int(read_stats(stats)["kept"]), "selected"
     estimate = int(LAION_400M_ROWS * manifest.sampling.fraction)
     if manifest.sampling.max_records is not None:
         estimate = min(estimate, manifest.sampling.max_records)

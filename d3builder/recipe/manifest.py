@@ -6,13 +6,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .layout import DataLayout, safe_name
-from .yamlconfig import ConfigError, from_mapping, read_yaml
+from d3builder.core.yamlconfig import ConfigError, from_mapping, read_yaml
+from d3builder.storage.layout import DataLayout, safe_name
+from d3builder.storage.schema import SPLITS
 
 EMBEDDED_SOURCE = "embedded"
 """Metadata source naming the small LAION-format set that ships inside the package."""
 
-SPLITS = ("train", "validation", "test")
 
 LAION_ENCODING_MIX = {"JPEG": 0.94, "PNG": 0.045, "GIF": 0.005, "BMP": 0.005, "TIFF": 0.005}
 """Default output-encoding mix of generated images, following LAION's own (mostly JPEG; our estimate)."""

@@ -1,0 +1,1 @@
+"""Shared plumbing of both command lines: typed YAML configuration and the command-line shell."""

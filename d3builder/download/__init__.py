@@ -1,0 +1,1 @@
+"""Downloading real images: the img2dataset runner."""

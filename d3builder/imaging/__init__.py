@@ -1,0 +1,1 @@
+"""Image operations shared by the dataset builder and the trainer: the CoDE augmentations."""
