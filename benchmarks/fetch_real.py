@@ -101,7 +101,7 @@ def time_ours(work: Path, rows: list[dict], fetch: FetchConfig, shard_size: int,
     start = time.perf_counter()
     summary = fetch_real(manifest, progress=False)
     seconds = time.perf_counter() - start
-    if not summary.ok or summary.successes != len(rows):
+    if not summary.complete or summary.counts["fetched"] != len(rows):
         sys.exit(f"our run did not fetch everything: {summary.describe()}")
     return seconds
 

@@ -100,7 +100,7 @@ def stage(manifest: Manifest, name: str, root: Path) -> tuple[float, float, int]
     registry = manifest_registry(manifest)
     started, cpu = time.perf_counter(), time.process_time()
     summary = generate_shards(fresh, name, registry=registry, progress=False)
-    return time.perf_counter() - started, time.process_time() - cpu, summary.images
+    return time.perf_counter() - started, time.process_time() - cpu, summary.counts["success"]
 
 
 def main() -> None:

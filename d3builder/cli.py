@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "d3builder.stages.transform_test",
     "d3builder.stages.extend",
     "d3builder.stages.validate",
+    "d3builder.stages.status",
 ]
 """Modules that each define `add_parser(subparsers)`; their order is the order in `--help`."""
 

@@ -29,7 +29,6 @@ from d3builder.stages.fetch_real import fetch_real
 from d3builder.stages.select import select_records
 from d3builder.stages.transform_test import transform_test
 from d3builder.stages.validate import validate_dataset
-from d3builder.storage.units import read_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_PORT = 8765
@@ -50,13 +49,13 @@ def build_dataset(manifest: Manifest, progress: bool) -> None:
     with embedded_server(port=EMBEDDED_PORT) as base_url:
         stage("select", lambda: select_records(manifest, embedded_base_url=base_url, progress=progress))
         fetched = stage("fetch-real", lambda: fetch_real(manifest, progress=progress))
-        if fetched.errors:
-            raise RuntimeError(f"fetch-real failed on shards: {fetched.errors}")
+        if not fetched.complete:
+            raise RuntimeError(f"fetch-real left shards undone: {fetched.describe()}")
     for name in manifest.generators:
         stage(f"generate {name}", lambda name=name: generate_shards(manifest, name, progress=progress))
     assembled = stage("assemble", lambda: assemble_dataset(manifest, progress=progress))
     if not assembled.complete:
-        raise RuntimeError("assemble left shards unassembled (see the messages above)")
+        raise RuntimeError(f"assemble left shards unassembled: {assembled.describe()}")
     stage("transform-test", lambda: transform_test(manifest, progress=progress))
     stage("extend", lambda: extend(manifest, progress=progress))
     report = stage("validate", lambda: validate_dataset(manifest.output_root, progress=progress))
@@ -68,7 +67,7 @@ def build_dataset(manifest: Manifest, progress: bool) -> None:
 def train_detector(manifest: Manifest, run_dir: Path, train_steps: int, progress: bool) -> None:
     """Train CoDE on the assembled shards (skipped when this run already finished)."""
     done_marker = run_dir / "quickstart_train.json"
-    if done_marker.is_file() and read_stats(done_marker).get("max_steps") == train_steps:
+    if done_marker.is_file() and json.loads(done_marker.read_text()).get("max_steps") == train_steps:
         print(f"\n=== train: already done ({run_dir})")
         return
     config = load_config(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,9 +14,13 @@ from PIL import Image
 from stagekit import GENERATORS, make_stage_inputs
 
 from d3builder import cli
-from d3builder.stages.assemble import assemble_dataset, assemble_shard
+from d3builder.stages.assemble import assemble_dataset
 from d3builder.stages.validate import validate_dataset
+from d3builder.storage.lease import acquire
+from d3builder.storage.runner import UnitOutcome
 from d3builder.storage.schema import d3_features, elsa_features
+
+DONE, SKIPPED, BUSY = UnitOutcome.DONE, UnitOutcome.SKIPPED, UnitOutcome.BUSY
 
 EXT = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
@@ -40,7 +43,7 @@ def real_rows(inputs) -> dict[str, dict]:
 def test_assembled_shards_load_through_datasets_with_every_elsa_column(tmp_path: Path) -> None:
     inputs = make_stage_inputs(tmp_path / "data", n_records=12, shard_size=5)
     summary = assemble_dataset(inputs.manifest, progress=False)
-    assert summary.assembled == [0, 1, 2] and summary.complete and summary.dropped == 0
+    assert summary.shards(DONE) == [0, 1, 2] and summary.complete and summary.records == sum(summary.counts.values())
     d3 = inputs.layout.d3_dir()
     files = {split: sorted(str(p) for p in (d3 / split).glob("*.parquet")) for split in ("train", "validation", "test")}
     dataset = load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "hf"))
@@ -92,7 +95,7 @@ def test_incomplete_records_are_left_out_and_counted_by_reason(tmp_path: Path) -
         "gen_failed:if-tiny": 1,
     }
     assert stats["dropped_by_reason"] == expected and stats["dropped"] == 5 and stats["records"] == 8
-    assert summary.dropped == 5 and dict(summary.reasons) == expected
+    assert summary.records - sum(summary.counts.values()) == 5 and dict(summary.reasons) == expected
     card = (inputs.layout.d3_dir() / "README.md").read_text()
     assert "| gen_missing:sdxl-tiny | 1 |" in card and "| real_failed | 2 |" in card
 
@@ -110,14 +113,14 @@ def test_missing_or_unreadable_input_is_reported_and_the_rest_goes_on(
     broken.write_bytes(broken.read_bytes()[:100])
     assert cli.main(["assemble", "--manifest", str(inputs.manifest.path)]) == 1
     out = capsys.readouterr().out
-    assert f"shard 1: NOT assembled, missing input: {missing}" in out
-    assert f"shard 2: NOT assembled, {broken}: unreadable input shard" in out
+    assert f"assemble shard 1: NOT done, missing input: {missing}" in out
+    assert f"assemble shard 2: NOT done, {broken}: unreadable input shard" in out
     assert _ids(inputs.layout.d3("train", 0)) and not inputs.layout.stats("assemble", 1).exists()
     assert not list(inputs.layout.d3_dir().glob("*/*-0000[12].parquet"))
     before = {p: p.stat().st_mtime_ns for p in inputs.layout.d3_dir().glob("*/*-00000.parquet")}
     make_stage_inputs(root, n_records=12, shard_size=4)  # the generator catches up
     summary = assemble_dataset(inputs.manifest, progress=False)
-    assert (summary.assembled, summary.already_done, summary.complete) == ([1, 2], [0], True)
+    assert (summary.shards(DONE), summary.shards(SKIPPED), summary.complete) == ([1, 2], [0], True)
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert sorted(_ids(inputs.layout.d3("train", 1))) == inputs.complete_ids("train")[2:4]
 
@@ -130,21 +133,21 @@ def test_resume_skips_done_units_redoes_unfinished_ones_and_respects_claims(tmp_
     snapshot = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in outputs}
     layout.stats("assemble", 1).unlink()  # as if killed after the shards were renamed, before the stats
     summary = assemble_dataset(inputs.manifest, progress=False)
-    assert (summary.assembled, summary.already_done) == ([1], [0, 2])
+    assert (summary.shards(DONE), summary.shards(SKIPPED)) == ([1], [0, 2])
     for path, (data, mtime) in snapshot.items():
         assert path.read_bytes() == data
         assert (path.stat().st_mtime_ns == mtime) == ("-00001" not in path.name)
     layout.stats("assemble", 2).unlink()
-    lock = layout.stats("assemble", 2).with_name(".00002.json.lock")
-    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid(), "time": 1e12}))
-    assert assemble_shard(inputs.manifest, 2).state == "busy"
+    lease = acquire(layout.store, layout.leases("assemble", "00002"), "assemble", "00002", 60.0)  # a live owner
+    assert assemble_dataset(inputs.manifest, [2], progress=False, wait=False).shards(BUSY) == [2]
+    lease.release(finished=False)
     assert not [p for p in layout.root.rglob(".*tmp*")]
 
 
 def test_small_row_groups_and_no_file_for_an_empty_split(tmp_path: Path) -> None:
     inputs = make_stage_inputs(tmp_path / "data", n_records=7, shard_size=7, split_cycle=("train", "test"))
-    result = assemble_shard(inputs.manifest, 0, row_group_size=2)
-    assert result.written == {"test": 3, "train": 4}
+    result = assemble_dataset(inputs.manifest, progress=False, row_group_size=2)
+    assert result.counts == {"test": 3, "train": 4}
     assert pq.ParquetFile(inputs.layout.d3("train", 0)).metadata.num_row_groups == 2
     assert not (inputs.layout.d3_dir() / "validation").exists()
     stats = json.loads(inputs.layout.stats("assemble", 0).read_text())
@@ -165,7 +168,7 @@ def test_card_makes_the_folder_a_loadable_hub_style_repo(tmp_path: Path) -> None
         }
     ]
     declared = {s["name"]: s["num_examples"] for s in front["dataset_info"]["splits"]}
-    assert declared == dict(summary.written)
+    assert declared == dict(summary.counts)
     assert {"name": "image_gen2", "dtype": "image"} in front["dataset_info"]["features"]
     dataset = load_dataset(str(d3), cache_dir=str(tmp_path / "hf"))
     assert {s: dataset[s].num_rows for s in dataset} == declared

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,8 @@ from d3builder.storage.shards import (
     validate_shard,
     write_shard,
 )
-from d3builder.storage.units import claim, shards_for_process
+from d3builder.storage.lease import LeaseRecord, acquire
+from d3builder.storage.runner import shards_for_process
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 
@@ -183,14 +183,16 @@ def test_shards_for_process_is_disjoint_and_complete() -> None:
     assert all(not set(a) & set(b) for i, a in enumerate(parts) for b in parts[i + 1 :])
 
 
-def test_claim_is_exclusive_and_stale_claims_are_taken_over(tmp_path: Path) -> None:
-    output = tmp_path / "00000.parquet"
-    with claim(output) as first:
-        assert first
-        with claim(output) as second:
-            assert not second
-    lock = tmp_path / ".00000.parquet.lock"
-    assert not lock.exists()
-    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": 2**22 + 12345, "time": 0}))
-    with claim(output) as third:
-        assert third
+def test_lease_is_exclusive_and_stale_leases_are_taken_over(tmp_path: Path) -> None:
+    layout = DataLayout(tmp_path)
+    folder = layout.leases("fetch-real", "00000")
+    first = acquire(layout.store, folder, "fetch-real", "00000", 60.0)
+    assert not isinstance(first, LeaseRecord)
+    second = acquire(layout.store, folder, "fetch-real", "00000", 60.0)
+    assert isinstance(second, LeaseRecord) and second.token == first.token  # busy: held by the first
+    first.release(finished=True)
+    assert not list(folder.iterdir())
+    stale = json.loads(first.record.to_bytes())  # a dead process on this host held it (its pid is free)
+    (folder / "00000007.json").write_text(json.dumps({**stale, "pid": 2**22 + 12345, "renewed_at": 1e12}))
+    third = acquire(layout.store, folder, "fetch-real", "00000", 60.0)
+    assert not isinstance(third, LeaseRecord) and third.record.epoch == 8

@@ -19,9 +19,16 @@ def test_dry_run_prints_the_plan_and_every_stage_command(tmp_path: Path, capsys:
     out = capsys.readouterr().out
     assert code == 0
     assert "3,100,000 records" in out and "620 shards" in out
-    for name in ("deepfloyd-if", "sd14", "sd21", "sdxl"):
-        assert f"| generate {name} | 620 | 3,100,000 |" in out
+    units = {  # each shard cut into parts of at most 30 H100-minutes (5,000 images x seconds per image)
+        "deepfloyd-if": "| 10,540 | 3,100,000 | 295 images, 30 GPU-min |",
+        "sd14": "| 1,240 | 3,100,000 | 2,500 images, 21 GPU-min |",
+        "sd21": "| 1,240 | 3,100,000 | 2,500 images, 21 GPU-min |",
+        "sdxl": "| 3,100 | 3,100,000 | 1,000 images, 25 GPU-min |",
+    }
+    for name, row in units.items():
+        assert f"| generate {name} {row}" in out
         assert "-m d3builder generate --manifest" in out and f"--generator {name}" in out
+    assert "| fetch-real | 620 | 3,100,000 | 5,000 URLs |" in out
     assert "| **total** |" in out
     assert not list(tmp_path.iterdir()), "a dry run must not write anything"
 

@@ -312,5 +312,5 @@ def test_embedded_source_needs_a_base_url(tmp_path: Path, capsys: pytest.Capture
     manifest = write_manifest(tmp_path, "embedded")
     with pytest.raises(SelectError, match="serve-embedded"):
         select_records(manifest, progress=False)
-    assert cli.main(["select", "--manifest", str(manifest.path)]) == 1
-    assert "serve-embedded" in capsys.readouterr().out
+    assert cli.main(["select", "--manifest", str(manifest.path)]) == 2
+    assert "serve-embedded" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from d3builder.stages.transform_test import (
     transform_test,
 )
 from d3builder.stages.validate import validate_dataset
+from d3builder.storage.runner import UnitOutcome
 from d3builder.storage.schema import d3_features
 from d3builder.storage.shards import image_cell, write_shard
 
@@ -51,7 +52,7 @@ def test_every_image_is_augmented_recorded_replayable_and_loads(tmp_path: Path) 
     inputs = build(tmp_path / "data")
     summary = transform_test(inputs.manifest, progress=False)
     layout = inputs.layout
-    assert summary.transformed == [0, 1] and summary.written == 6
+    assert summary.shards(UnitOutcome.DONE) == [0, 1] and summary.counts["test_augm"] == 6
     changed, drawn = 0, []
     for shard in (0, 1):
         source, augmented = rows(layout.d3("test", shard)), rows(layout.d3("test_augm", shard))
@@ -87,13 +88,13 @@ def test_deterministic_and_resumable(tmp_path: Path, capsys: pytest.CaptureFixtu
     inputs = build(tmp_path / "data")
     layout = inputs.layout
     assert cli.main(["transform-test", "--manifest", str(inputs.manifest.path)]) == 0
-    assert "test_augm: 6 records" in capsys.readouterr().out
+    assert "test_augm: 6 records written now" in capsys.readouterr().out
     first = {k: layout.d3("test_augm", k).read_bytes() for k in (0, 1)}
     mtime = layout.d3("test_augm", 0).stat().st_mtime_ns
     layout.stats("transform_test", 1).unlink()
     layout.d3("test_augm", 1).unlink()
     summary = transform_test(inputs.manifest, progress=False)
-    assert (summary.transformed, summary.already_done) == ([1], [0])
+    assert (summary.shards(UnitOutcome.DONE), summary.shards(UnitOutcome.SKIPPED)) == ([1], [0])
     assert layout.d3("test_augm", 0).stat().st_mtime_ns == mtime
     assert {k: layout.d3("test_augm", k).read_bytes() for k in (0, 1)} == first
     other = build(tmp_path / "other")

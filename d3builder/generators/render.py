@@ -1,37 +1,45 @@
 """Rendering records shards with one generator: the engine behind `generate` and `extend`.
 
-Each process takes its share of the records shards (round robin by process index) and claims each
-unit with a lock file, so several nodes on one filesystem never render the same shard. Per shard:
+Units go through the unit runner (`d3builder.storage.runner`): leased, committed atomically, stats last.
+Under `accelerate launch` each process takes its share of the records shards (round robin by process
+index); independent workers (any number, any node) share every shard through the leases. Per shard:
 records are grouped by output size (drawn per record with `size_for`) and cut into batches of
 `batch_size`; every image is seeded from `seed_for(record id, generator, manifest seed)`; each image
-is encoded in a format drawn from the manifest's encoding mix. Rows are written in batch order to a
-hidden temporary file and renamed into place at the end, then the stats file marks the unit done, so
-an interrupted shard is redone from scratch, never half kept. Because batches are a pure function
-of the stored rows (their order, sizes and the recorded batch size), `regenerate` can rebuild any
-image's exact batch.
+is encoded in a format drawn from the manifest's encoding mix. Rows are written in batch order.
+
+A batch that raises is rendered again (`generate.batch_retries`), after out-of-memory in halves, before
+its records are recorded as failed; batches rendered other than planned are listed in the stats
+(`rebatched`). A done shard with failed records is redone record by record with `--retry-failed`.
+
+Units are sized by work: with a throughput table (`generate.throughput`), a shard whose images take more
+than `generate.max_unit_minutes` of GPU time is split into parts, each a run of whole planned batches,
+committed as `gen/{g}/parts/`; a merge unit then writes `gen/{g}/{k}.parquet` exactly as one unit would
+(same batches, same rows in the same order). Because batches are a pure function of the stored rows (their
+order, sizes, the recorded batch size and `rebatched`), `regenerate` can rebuild any image's exact batch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import diffusers
 import PIL
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import transformers
 from accelerate import PartialState
-from tqdm import tqdm
 
+from d3builder.core.commandline import UsageError
 from d3builder.generators.encoding import (
     check_mix,
     check_quality_range,
@@ -54,16 +62,21 @@ from d3builder.generators.runtime import (
     size_for,
 )
 from d3builder.recipe.manifest import SPLITS, Manifest
-from d3builder.storage.layout import DataLayout, extension
-from d3builder.storage.schema import GEN_FEATURES
-from d3builder.storage.shards import ShardStream, image_cell, write_shard
-from d3builder.storage.units import (
-    claim,
-    is_done,
-    read_stats,
+from d3builder.recipe.plan import load_throughput
+from d3builder.storage.layout import extension
+from d3builder.storage.lease import current
+from d3builder.storage.runner import (
+    BadInput,
+    InputsPending,
+    RunSummary,
+    Unit,
+    UnitContext,
+    UnitJob,
+    UnitWork,
     shards_for_process,
-    write_stats,
 )
+from d3builder.storage.schema import GEN_FEATURES
+from d3builder.storage.shards import ShardStream, image_cell
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +116,34 @@ def plan_batches(jobs: Iterable[Job], batch_size: int) -> list[list[Job]]:
     for job in jobs:
         groups.setdefault((job.width, job.height), []).append(job)
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+def replay_batches(jobs: Sequence[Job], batch_size: int,
+                   rebatched: Sequence[Sequence[str]] = ()) -> list[tuple[list[Job], set[str]]]:
+    """The batches stored rows were rendered in, each with the ids whose stored image it made: the plan,
+    except that an id of a `rebatched` group (from the stats) was made by the last group holding it."""
+    by_id = {job.id: job for job in jobs}
+    last = {record: index for index, group in enumerate(rebatched) for record in group}
+    batches = []
+    for batch in plan_batches(jobs, batch_size):
+        owns = {job.id for job in batch if job.id not in last}
+        if owns:
+            batches.append((batch, owns))
+    for index, group in enumerate(rebatched):
+        batch = [by_id[r] for r in group if r in by_id]
+        owns = {job.id for job in batch if last[job.id] == index}
+        if owns:
+            batches.append((batch, owns))
+    return batches
+
+
+def part_slices(batches: int, parts: int) -> list[slice]:
+    """`parts` contiguous runs of batch indices, as even as possible (the first ones one longer)."""
+    size, extra = divmod(batches, parts)
+    bounds = [0]
+    for index in range(parts):
+        bounds.append(bounds[-1] + size + (index < extra))
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
 def manifest_registry(manifest: Manifest, *extra: str | Path) -> dict[str, GeneratorEntry]:
@@ -146,48 +187,35 @@ def failure_reason(error: str) -> str:
     return f"exception:{error.split(':', 1)[0].strip() or 'unknown'}"
 
 
-def done(layout: DataLayout, generator: str, shard: int, splits: Sequence[str] | None = None) -> bool:
-    """A gen unit is done when shard and stats exist and it covered the requested splits (None: all)."""
-    output, stats = layout.gen(generator, shard), layout.stats(STAGE, shard, generator)
-    if not is_done(output, stats):
-        return False
-    covered = read_stats(stats).get("splits")
+def covers(stats: dict[str, Any], splits: Sequence[str] | None) -> bool:
+    """Whether a gen unit's stats cover the requested splits (None: all; a unit rendered for all covers any)."""
+    covered = stats.get("splits")
     return covered is None or (splits is not None and set(splits) <= set(covered))
 
 
-@dataclass
-class GenerateSummary:
-    """What one process of a `generate` run did."""
-
-    generator: str
-    process_index: int = 0
-    num_processes: int = 1
-    generated: list[int] = field(default_factory=list)
-    already_done: list[int] = field(default_factory=list)
-    busy: list[int] = field(default_factory=list)
-    bad_inputs: dict[int, str] = field(default_factory=dict)
-    images: int = 0
-    failed: int = 0
-    reasons: Counter = field(default_factory=Counter)
-    seconds: float = 0.0
-
-    @property
-    def images_per_second(self) -> float:
-        """Successful images per second of rendering (loading excluded)."""
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def complete(self) -> bool:
-        """True when every shard of this process is done and none was unreadable or held by another."""
-        return not self.bad_inputs and not self.busy
+OUT_OF_MEMORY = "exception:OutOfMemoryError"
+"""The reason of a batch that ran out of (GPU) memory: torch.OutOfMemoryError."""
 
 
-class ShardGenerator:
-    """Renders records shards of one generator; the pipeline is loaded on the first shard that needs it."""
+def batch_error(results: Sequence[GenerationResult]) -> str | None:
+    """The reason when the whole batch raised (every image failed with an exception), else None."""
+    reasons = {failure_reason(r.error) if r.error else None for r in results}
+    if len(reasons) == 1:
+        (reason,) = reasons
+        if reason is not None and reason.startswith("exception:"):
+            return reason
+    return None
+
+
+class GenerateJob(UnitJob):
+    """generate's units for one generator: unit (g, k) renders gen/{g}/{k}; big shards go by parts, then a merge."""
+
+    stage, item = STAGE, "img"
 
     def __init__(self, manifest: Manifest, entry: GeneratorEntry, *, device: str | torch.device,
                  batch_size: int, speed: SpeedOptions, splits: Sequence[str] | None = None,
-                 process_index: int = 0) -> None:
+                 process_index: int = 0, seconds_per_image: float | None = None) -> None:
+        super().__init__(manifest.layout)
         self.manifest, self.entry, self.device = manifest, entry, torch.device(device)
         self.batch_size, self.speed = batch_size, speed
         self.splits = sorted(set(splits)) if splits is not None else None
@@ -195,9 +223,61 @@ class ShardGenerator:
         self.quality = list(check_quality_range(manifest.generate.jpeg_quality))
         check_mix(self.mix)
         self.process_index = process_index
+        self.batch_retries = manifest.generate.batch_retries
+        self.seconds_per_image = seconds_per_image
+        self.max_unit_seconds = manifest.generate.max_unit_minutes * 60
         self.loaded: LoadedGenerator | None = None
         self.provenance: dict[str, Any] = {}
         self.software = software()
+        self.rebatched: list[list[str]] = []
+        self._jobs = lru_cache(maxsize=8)(self._read_jobs)
+
+    # -- units -------------------------------------------------------------------------------------------
+
+    def parts(self, shard: int) -> int:
+        """Into how many parts shard `shard` is split: at most max_unit_minutes of GPU time each."""
+        if not self.seconds_per_image:
+            return 1
+        try:
+            jobs, _ = self._jobs(shard)
+        except BadInput:
+            return 1
+        batches = len(plan_batches(jobs, self.batch_size))
+        wanted = math.ceil(len(jobs) * self.seconds_per_image / self.max_unit_seconds)
+        return max(1, min(batches, wanted))
+
+    def units(self, shards: Sequence[int]) -> list[Unit]:
+        """The units of these shards: the whole shard, or its parts followed by the merge."""
+        units = []
+        for shard in shards:
+            parts = self.parts(shard)
+            if parts > 1:
+                units += [Unit(STAGE, shard, self.entry.name, (j, parts)) for j in range(parts)]
+            units.append(Unit(STAGE, shard, self.entry.name))
+        return units
+
+    def outputs(self, unit: Unit) -> list[PurePath]:
+        if unit.part is not None:
+            return [self.layout.gen_part(self.entry.name, unit.shard, *unit.part)]
+        return [self.layout.gen(self.entry.name, unit.shard)]
+
+    def size(self, unit: Unit) -> int:
+        try:
+            jobs, _ = self._jobs(unit.shard)
+        except BadInput:
+            return 0
+        if unit.part is None:
+            return len(jobs) if self.parts(unit.shard) == 1 else 0
+        batches = plan_batches(jobs, self.batch_size)
+        return sum(len(b) for b in batches[part_slices(len(batches), unit.part[1])[unit.part[0]]])
+
+    def done(self, unit: Unit, stats: dict[str, Any]) -> bool:
+        return covers(stats, self.splits)
+
+    def retryable(self, stats: dict[str, Any]) -> bool:
+        return stats.get("failed", 0) > 0 and "part" not in stats
+
+    # -- rendering ---------------------------------------------------------------------------------------
 
     def load(self) -> LoadedGenerator:
         """Load the pipeline once."""
@@ -206,10 +286,15 @@ class ShardGenerator:
             self.provenance = self.loaded.provenance()
         return self.loaded
 
-    def jobs(self, shard: int) -> tuple[list[Job], int]:
+    def _read_jobs(self, shard: int) -> tuple[list[Job], int]:
         """The shard's jobs (selected splits, first row of a duplicated id) and how many duplicates were skipped."""
-        path = self.manifest.layout.records(shard)
-        table = pq.read_table(path, columns=RECORD_COLUMNS)
+        path = self.layout.records(shard)
+        if not self.store.isfile(path):
+            raise BadInput(f"{self.layout.url(path)}: missing records shard (run select)")
+        try:
+            table = self.store.read_table(path, columns=RECORD_COLUMNS)
+        except (OSError, pa.ArrowException, KeyError) as exc:
+            raise BadInput(f"{self.layout.url(path)}: unreadable records shard: {exc}") from exc
         jobs, seen, duplicates = [], set(), 0
         for row in table.to_pylist():
             if self.splits is not None and row["split"] not in self.splits:
@@ -260,75 +345,203 @@ class ShardGenerator:
             "seconds": round(seconds, 4),
         }
 
-    def run(self, shard: int, jobs: list[Job], duplicates: int, bar: tqdm, summary: GenerateSummary) -> None:
-        """Render one claimed shard's jobs and write gen/{g}/{k}.parquet, then its stats (the done marker)."""
-        layout = self.manifest.layout
-        output = layout.gen(self.entry.name, shard)
-        for stale in output.parent.glob(f".{output.name}.tmp-*"):
-            stale.unlink(missing_ok=True)  # left by a killed run of this unit; we hold its claim now
-        loaded = self.load() if jobs else None
-        started, rendering = time.time(), 0.0
-        counts, reasons, encodings = Counter(), Counter(), Counter()
-        stream = ShardStream(output, GEN_FEATURES)
-        try:
-            for batch in plan_batches(jobs, self.batch_size):
-                tick = time.perf_counter()
-                results = loaded.generate([j.prompt for j in batch], [j.negative_prompt for j in batch],
-                                          batch[0].width, batch[0].height, [j.seed for j in batch])
-                seconds = time.perf_counter() - tick
-                rendering += seconds
-                for job, result in zip(batch, results, strict=True):
-                    row = self.row(job, result, seconds / len(batch))
-                    stream.write(row)
-                    counts[row["status"]] += 1
-                    if row["status"] == "success":
-                        encodings[row["encoding"]] += 1
-                    else:
-                        reasons[failure_reason(row["error_message"])] += 1
-                bar.update(len(batch))
-            if stream.commit() is None:
-                write_shard([], output, GEN_FEATURES)  # no record of the requested splits: an empty, done shard
-        except BaseException:
-            stream.abort()
-            raise
-        summary.images += counts["success"]
-        summary.failed += counts["failed"]
-        summary.reasons.update(reasons)
-        summary.seconds += rendering
-        write_stats(layout.stats(STAGE, shard, self.entry.name), {
-            "shard": shard,
+    def render_batch(self, batch: list[Job], planned: bool = True,
+                     attempt: int = 0) -> list[tuple[Job, GenerationResult, float]]:
+        """Render one batch: a batch that raised is rendered again, in halves after out-of-memory."""
+        tick = time.perf_counter()
+        results = self.load().generate([j.prompt for j in batch], [j.negative_prompt for j in batch],
+                                       batch[0].width, batch[0].height, [j.seed for j in batch])
+        seconds = time.perf_counter() - tick
+        error = batch_error(results)
+        if error == OUT_OF_MEMORY and len(batch) > 1:
+            half = (len(batch) + 1) // 2
+            logger.warning("%s: out of memory on a batch of %d: rendering it in halves", self.entry.name, len(batch))
+            return self.render_batch(batch[:half], False) + self.render_batch(batch[half:], False)
+        if error is not None and attempt < self.batch_retries:
+            logger.warning("%s: a batch of %d raised (%s): rendering it again", self.entry.name, len(batch), error)
+            return self.render_batch(batch, planned, attempt + 1)
+        if not planned:
+            self.rebatched.append([j.id for j in batch])
+        return [(job, result, seconds / len(batch)) for job, result in zip(batch, results, strict=True)]
+
+    def render(self, ctx: UnitContext, batches: list[list[Job]], stream: ShardStream) -> Tally:
+        """Render `batches` in order into `stream`, counting successes, failures and encodings."""
+        tally = Tally()
+        for batch in batches:
+            ctx.check()
+            for job, result, seconds in self.render_batch(batch):
+                row = self.row(job, result, seconds)
+                stream.write(row)
+                tally.add(row, seconds)
+            ctx.advance(len(batch))
+        return tally
+
+    def stats(self, unit: Unit, jobs: int, duplicates: int, tally: Tally, seconds: float) -> dict[str, Any]:
+        """The stats payload of a rendered unit (or part)."""
+        return {
+            "shard": unit.shard,
             "generator": self.entry.name,
-            "records": len(jobs),
-            "success": counts["success"],
-            "failed": counts["failed"],
-            "failures_by_reason": dict(sorted(reasons.items())),
+            **({"part": list(unit.part)} if unit.part is not None else {}),
+            "records": jobs,
+            "success": tally.counts["success"],
+            "failed": tally.counts["failed"],
+            "failures_by_reason": dict(sorted(tally.reasons.items())),
             "duplicate_ids_skipped": duplicates,
-            "encodings": dict(sorted(encodings.items())),
+            "encodings": dict(sorted(tally.encodings.items())),
             "splits": self.splits,
             "batch_size": self.batch_size,
+            "batch_retries": self.batch_retries,
+            "rebatched": list(self.rebatched),
             "encoding_mix": self.mix,
             "jpeg_quality": self.quality,
             "seed": self.manifest.seed,
             "device": str(self.device),
             "process_index": self.process_index,
             "provenance": self.provenance or None,
-            "output": str(output.relative_to(layout.root)),
-            "seconds": round(time.time() - started, 3),
-            "render_seconds": round(rendering, 3),
-            "images_per_second": round(counts["success"] / rendering, 3) if rendering > 0 else 0.0,
-        })
+            "output": self.store.relative(self.outputs(unit)[0]),
+            "seconds": round(seconds, 3),
+            "render_seconds": round(tally.seconds, 3),
+            "images_per_second": round(tally.counts["success"] / tally.seconds, 3) if tally.seconds > 0 else 0.0,
+        }
 
-
-def _records_in(layout: DataLayout, shards: Sequence[int], splits: Sequence[str] | None) -> int:
-    """How many records of the splits (None: all) the shards hold (unreadable shards count 0)."""
-    total = 0
-    for shard in shards:
+    def compute(self, ctx: UnitContext) -> UnitWork:
+        """Render a shard (or one part of it), or merge its done parts."""
+        unit, started = ctx.unit, time.time()
+        jobs, duplicates = self._jobs(unit.shard)
+        parts = self.parts(unit.shard)
+        if unit.part is None and parts > 1:
+            return self.merge(ctx, parts)
+        batches = plan_batches(jobs, self.batch_size)
+        if unit.part is not None:
+            batches = batches[part_slices(len(batches), parts)[unit.part[0]]]
+        self.rebatched = []
+        output = self.outputs(unit)[0]
+        stream = ctx.stream(output, GEN_FEATURES)
         try:
-            column = pq.read_table(layout.records(shard), columns=["split"]).column("split").to_pylist()
-        except (OSError, pa.ArrowException, KeyError):
-            continue
-        total += sum(1 for s in column if splits is None or s in splits)
-    return total
+            tally = self.render(ctx, batches, stream)
+            if ctx.commit(stream) is None:
+                ctx.write_shard([], output, GEN_FEATURES)  # no record of the requested splits: an empty, done shard
+        except BaseException:
+            stream.abort()
+            raise
+        count = sum(len(b) for b in batches)
+        return tally.work(self.stats(unit, count, duplicates if unit.part in (None, (0, parts)) else 0, tally,
+                                     time.time() - started), count)
+
+    def merge(self, ctx: UnitContext, parts: int) -> UnitWork:
+        """Concatenate the shard's done parts, in order, into gen/{g}/{k}.parquet (what one unit would write)."""
+        shard, runner = ctx.unit.shard, ctx.runner
+        pieces, part_stats = [], []
+        for index in range(parts):
+            part = Unit(STAGE, shard, self.entry.name, (index, parts))
+            stats = runner.read_done(self, part)
+            if stats is None:
+                holder = current(self.store, self.layout.leases(STAGE, part.key))
+                if holder is not None and not holder.free():
+                    raise InputsPending(f"waiting for {part.label}: {holder.describe()}")
+                raise RuntimeError(f"{part.label} is not done (rerun generate)")
+            pieces.append(self.store.read_table(self.outputs(part)[0]))
+            part_stats.append(stats)
+        table = pa.concat_tables(pieces)
+        ctx.write_shard(table, self.layout.gen(self.entry.name, shard), GEN_FEATURES)
+        first = part_stats[0]
+        tally = Tally.of(part_stats)
+        merged = {
+            **{k: v for k, v in first.items() if k not in ("part", "stage", "unit", "lease", "committed",
+                                                           "started_at", "finished_at")},
+            "records": sum(s["records"] for s in part_stats),
+            "success": tally.counts["success"],
+            "failed": tally.counts["failed"],
+            "failures_by_reason": dict(sorted(tally.reasons.items())),
+            "encodings": dict(sorted(tally.encodings.items())),
+            "rebatched": [group for s in part_stats for group in s.get("rebatched", [])],
+            "output": self.store.relative(self.layout.gen(self.entry.name, shard)),
+            "parts": [{k: s.get(k) for k in ("part", "records", "success", "failed", "host", "process_index",
+                                              "started_at", "finished_at", "render_seconds")} for s in part_stats],
+            "seconds": round(sum(s["seconds"] for s in part_stats), 3),
+            "render_seconds": round(tally.seconds, 3),
+        }
+        return UnitWork(merged, records=0)
+
+    def remove_parts(self, shards: Sequence[int]) -> None:
+        """Delete the parts (and their stats) of shards whose merged shard is done."""
+        for shard in shards:
+            parts = self.parts(shard)
+            if parts > 1 and self.store.isfile(self.layout.stats(STAGE, shard, self.entry.name)):
+                for index in range(parts):
+                    self.store.remove(self.layout.gen_part(self.entry.name, shard, index, parts))
+                    self.store.remove(self.layout.stats(STAGE, shard, self.entry.name, (index, parts)))
+
+    def retry(self, ctx: UnitContext, stats: dict[str, Any]) -> UnitWork:
+        """Render a done shard's failed records again and merge them in (other rows untouched, order kept)."""
+        started, shard = time.time(), ctx.unit.shard
+        output = self.layout.gen(self.entry.name, shard)
+        old = self.store.read_table(output)
+        failed = {r["id"] for r in old.select(["id", "status"]).to_pylist() if r["status"] != "success"}
+        jobs, _ = self._jobs(shard)
+        redo = [j for j in jobs if j.id in failed]
+        self.rebatched = []
+        fresh: dict[str, dict] = {}
+        tally = Tally()
+        for batch in plan_batches(redo, self.batch_size):
+            ctx.check()
+            self.rebatched.append([j.id for j in batch])  # rendered other than in the shard's plan
+            for job, result, seconds in self.render_batch(batch):
+                row = self.row(job, result, seconds)
+                fresh[job.id] = row
+                tally.add(row, seconds)
+            ctx.advance(len(batch))
+        rows = [fresh.get(row["id"], row) for row in old.to_pylist()]
+        ctx.write_shard(rows, output, GEN_FEATURES)
+        merged = Tally()
+        for row in rows:
+            merged.add(row, 0.0)
+        attempt = {"retried": sorted(failed), "recovered": tally.counts["success"], "at": time.time(),
+                   "seconds": round(time.time() - started, 3), "process_index": self.process_index}
+        new_stats = {
+            **stats,
+            "success": merged.counts["success"],
+            "failed": merged.counts["failed"],
+            "failures_by_reason": dict(sorted(merged.reasons.items())),
+            "encodings": dict(sorted(merged.encodings.items())),
+            "rebatched": [*stats.get("rebatched", []), *self.rebatched],
+            "retries": [*stats.get("retries", []), attempt],
+            "provenance": stats.get("provenance") or self.provenance or None,
+        }
+        return tally.work(new_stats, len(redo))
+
+
+@dataclass
+class Tally:
+    """Counts of rendered rows: success/failed, failure reasons, encodings, rendering seconds."""
+
+    counts: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+    encodings: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def add(self, row: dict[str, Any], seconds: float) -> None:
+        self.counts[row["status"]] += 1
+        self.seconds += seconds
+        if row["status"] == "success":
+            self.encodings[row["encoding"]] += 1
+        else:
+            self.reasons[failure_reason(row["error_message"] or "unknown")] += 1
+
+    @classmethod
+    def of(cls, stats: Sequence[dict[str, Any]]) -> Tally:
+        """The sum of several units' stats."""
+        tally = cls()
+        for s in stats:
+            tally.counts.update(success=s["success"], failed=s["failed"])
+            tally.reasons.update(s["failures_by_reason"])
+            tally.encodings.update(s["encodings"])
+            tally.seconds += s["render_seconds"]
+        return tally
+
+    def work(self, stats: dict[str, Any], records: int) -> UnitWork:
+        return UnitWork(stats, records=records, failed=self.counts["failed"], reasons=Counter(self.reasons),
+                        counts=Counter(success=self.counts["success"]))
 
 
 def prepare_weights(entry: GeneratorEntry, state: PartialState) -> None:
@@ -343,6 +556,14 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def seconds_per_image(manifest: Manifest, generator: str) -> float | None:
+    """The generator's seconds per image from the manifest's throughput table (None: no table, no figure)."""
+    if manifest.generate.throughput is None:
+        return None
+    figure = load_throughput(manifest.resolve(manifest.generate.throughput)).generators.get(generator)
+    return figure.seconds_per_image if figure is not None else None
+
+
 def generate_shards(
     manifest: Manifest,
     generator_name: str,
@@ -353,12 +574,16 @@ def generate_shards(
     speed: SpeedOptions | None = None,
     splits: Sequence[str] | None = None,
     progress: bool = True,
-) -> GenerateSummary:
-    """Render this process's share of the records shards with one generator (done shards are skipped).
+    retry_failed: bool = False,
+    wait: bool = True,
+) -> RunSummary:
+    """Render this process's share of the records shards with one generator (done units are skipped).
 
     `registry` defaults to the manifest's registry files; `shards` to every records shard; `batch_size`
-    to manifest.generate.batch_size; `speed` to SpeedOptions() (registry dtype, SDPA on, the rest off); `splits` (e.g. ["test"]) limits the records rendered (None: all).
-    A bad registry, an unknown generator or bad options raise before any shard is touched."""
+    to manifest.generate.batch_size; `speed` to SpeedOptions() (registry dtype, SDPA on, the rest off);
+    `splits` (e.g. ["test"]) limits the records rendered (None: all); `retry_failed` also re-renders the
+    failed records of done shards. A bad registry, an unknown generator or bad options raise before any
+    shard is touched; no records shard at all is a UsageError (run select first)."""
     registry = manifest_registry(manifest) if registry is None else registry
     entry = registry_entry(registry, generator_name)
     speed = speed or SpeedOptions()
@@ -367,56 +592,17 @@ def generate_shards(
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {speed.dtype!r}")
     if splits is not None and set(splits) - set(SPLITS):
         raise ValueError(f"unknown splits {sorted(set(splits) - set(SPLITS))} (allowed: {', '.join(SPLITS)})")
+    layout = manifest.layout
+    every = sorted(set(shards)) if shards is not None else layout.record_shards()
+    if not every:
+        raise UsageError(f"no records shards under {layout.url(layout.root / 'records')}: run `d3builder select` first")
     state = process_state()
     prepare_weights(entry, state)
-    worker = ShardGenerator(manifest, entry, device=state.device, batch_size=batch_size, speed=speed, splits=splits,
-                            process_index=state.process_index)
-    layout = manifest.layout
-    summary = GenerateSummary(entry.name, state.process_index, state.num_processes)
-    every = sorted(shards) if shards is not None else layout.record_shards()
-    if not every:
-        logger.error("no records shards under %s: run `select` first", layout.root / "records")
+    job = GenerateJob(manifest, entry, device=state.device, batch_size=batch_size, speed=speed, splits=splits,
+                      process_index=state.process_index, seconds_per_image=seconds_per_image(manifest, entry.name))
     mine = shards_for_process(every, state.process_index, state.num_processes)
-    todo = [k for k in mine if not done(layout, entry.name, k, worker.splits)]
-    summary.already_done = [k for k in mine if k not in todo]
-    bar = tqdm(total=_records_in(layout, todo, worker.splits), desc=f"generate {entry.name}", unit="img",
-               disable=not (progress and state.is_main_process))
-    for shard in todo:
-        if not layout.records(shard).is_file():
-            logger.error("shard %d not generated: %s is missing", shard, layout.records(shard))
-            summary.bad_inputs[shard] = f"{layout.records(shard)}: missing records shard (run select)"
-            continue
-        output = layout.gen(entry.name, shard)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with claim(output) as ours:
-            if not ours:
-                summary.busy.append(shard)
-            elif done(layout, entry.name, shard, worker.splits):
-                summary.already_done.append(shard)  # finished by another node between our check and the claim
-            else:
-                try:
-                    jobs, duplicates = worker.jobs(shard)
-                except (OSError, pa.ArrowException, KeyError) as exc:
-                    logger.error("shard %d not generated: %s: unreadable records shard: %s", shard,
-                                 layout.records(shard), exc)
-                    summary.bad_inputs[shard] = f"{layout.records(shard)}: unreadable records shard: {exc}"
-                    continue
-                worker.run(shard, jobs, duplicates, bar, summary)
-                summary.generated.append(shard)
-        bar.set_postfix(ok=summary.images, failed=summary.failed)
-    bar.close()
+    runner = manifest.runner(progress=progress and state.is_main_process, wait=wait, retry_failed=retry_failed,
+                             rank=state.process_index, world=state.num_processes)
+    summary = runner.run(job, job.units(mine), group=entry.name)
+    job.remove_parts(mine)
     return summary
-
-
-def print_summary(summary: GenerateSummary) -> None:
-    """Print one process's summary (prefixed with its rank when there are several)."""
-    prefix = f"[process {summary.process_index}/{summary.num_processes}] " if summary.num_processes > 1 else ""
-    print(f"{prefix}{summary.generator}: generated {len(summary.generated)} shard(s), "
-          f"{len(summary.already_done)} already done; {summary.images} image(s), {summary.failed} failed, "
-          f"{summary.images_per_second:.2f} images/s")
-    for reason, count in sorted(summary.reasons.items()):
-        print(f"{prefix}  failed {reason}: {count}")
-    for shard, problem in sorted(summary.bad_inputs.items()):
-        print(f"{prefix}shard {shard}: NOT generated, {problem}")
-    if summary.busy:
-        print(f"{prefix}shards claimed by another process: {summary.busy}")

@@ -1,23 +1,57 @@
-"""Arguments shared by the d3builder subcommands."""
+"""Arguments shared by the d3builder subcommands: one spelling and one meaning per flag."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
+from d3builder.core.commandline import shard_list
 from d3builder.generators.registry import DTYPES
 from d3builder.generators.render import SpeedOptions
 from d3builder.recipe.manifest import Manifest, load_manifest
+from d3builder.storage.runner import ExitCode, RunSummary, UnitRunner
 
 
 def add_manifest_args(parser: argparse.ArgumentParser) -> None:
-    """`--manifest M` and `--output-root DIR`."""
+    """`--manifest M` and `--output-root DIR_OR_URL`."""
     parser.add_argument("--manifest", "-m", required=True, help="dataset recipe (YAML), e.g. manifests/tiny.yaml")
-    parser.add_argument("--output-root", help="write under this folder instead of the manifest's output_root")
+    parser.add_argument("--output-root", help="write under this folder or storage URL (s3://, gs://, file://, "
+                        "memory://) instead of the manifest's output_root")
 
 
 def manifest_from_args(args: argparse.Namespace) -> Manifest:
     """Load the manifest named on the command line (ConfigError names file and key)."""
     return load_manifest(args.manifest, output_root=args.output_root)
+
+
+def add_progress_arg(parser: argparse.ArgumentParser) -> None:
+    """`--no-progress`."""
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (logs, CI)")
+
+
+def add_unit_args(parser: argparse.ArgumentParser, retry: bool = False) -> None:
+    """The unit runner's flags: `--shards`, `--no-wait`, `--no-progress` (and `--retry-failed`)."""
+    parser.add_argument("--shards", type=shard_list, metavar="LIST",
+                        help="only these shard numbers, e.g. 0,3,7 or 0-9 (default: every records shard)")
+    parser.add_argument("--no-wait", dest="wait", action="store_false",
+                        help="do not wait for units other live owners hold: leave them and exit 3")
+    if retry:
+        parser.add_argument("--retry-failed", action="store_true",
+                            help="also redo the failed records of done units and merge them in")
+    add_progress_arg(parser)
+
+
+def runner_from_args(manifest: Manifest, args: argparse.Namespace, **options: Any) -> UnitRunner:
+    """The manifest's UnitRunner with the command line's --no-wait, --no-progress and --retry-failed."""
+    return manifest.runner(wait=args.wait, progress=args.progress,
+                           retry_failed=getattr(args, "retry_failed", False), **options)
+
+
+def report(*summaries: RunSummary) -> int:
+    """Print each summary; returns the exit code of them all."""
+    for summary in summaries:
+        print(summary.describe(), flush=True)
+    return int(ExitCode.worst(s.exit_code for s in summaries))
 
 
 def add_speed_args(parser: argparse.ArgumentParser) -> None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from d3builder.core.yamlconfig import ConfigError, from_mapping, read_yaml
 from d3builder.storage.layout import DataLayout, safe_name
+from d3builder.storage.lease import DEFAULT_LEASE_SECONDS
+from d3builder.storage.runner import DEFAULT_MAX_FAILED_FRACTION, UnitRunner
 from d3builder.storage.schema import SPLITS
+from d3builder.storage.store import StorageError
 
 EMBEDDED_SOURCE = "embedded"
 """Metadata source naming the small LAION-format set that ships inside the package."""
@@ -96,10 +100,20 @@ class GenerateConfig:
     batch_size: int = 4
     encoding_mix: dict[str, float] = field(default_factory=lambda: dict(LAION_ENCODING_MIX))
     jpeg_quality: list[int] = field(default_factory=lambda: [75, 95])
+    batch_retries: int = 1
+    """Times a batch that raised is rendered again (after out-of-memory: in halves) before its records fail."""
+    throughput: str | None = None
+    """Seconds per image per generator on the target GPU (e.g. throughput-h100.yaml): sizes the units."""
+    max_unit_minutes: float = 30.0
+    """With `throughput`, a records shard is split into parts of at most this much GPU time each."""
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if self.batch_retries < 0:
+            raise ValueError("batch_retries must be >= 0")
+        if self.max_unit_minutes <= 0:
+            raise ValueError("max_unit_minutes must be > 0")
         unknown = set(self.encoding_mix) - set(LAION_ENCODING_MIX)
         if unknown:
             raise ValueError(f"encoding_mix: unknown formats {sorted(unknown)} (known: {sorted(LAION_ENCODING_MIX)})")
@@ -124,6 +138,22 @@ class ExtendedConfig:
 
 
 @dataclass
+class UnitsConfig:
+    """The unit runner: leases and what counts as a failed run."""
+
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    """A unit whose owner sent no heartbeat for this long is taken over (heartbeats every third of it)."""
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION
+    """A run whose failed records exceed this fraction of its records exits 1."""
+
+    def validate(self) -> None:
+        if self.lease_seconds <= 0:
+            raise ValueError("lease_seconds must be > 0")
+        if not 0.0 <= self.max_failed_fraction <= 1.0:
+            raise ValueError("max_failed_fraction must be in [0, 1]")
+
+
+@dataclass
 class Manifest:
     """A dataset recipe: which records, how they are cut into shards, which generators."""
 
@@ -142,6 +172,9 @@ class Manifest:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     transform_test: TransformTestConfig = field(default_factory=TransformTestConfig)
     extended: ExtendedConfig = field(default_factory=ExtendedConfig)
+    units: UnitsConfig = field(default_factory=UnitsConfig)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options of output_root's filesystem (on top of the environment's credentials), e.g. endpoint_url."""
     path: Path = field(default=Path("."), init=False)
 
     def validate(self) -> None:
@@ -158,8 +191,13 @@ class Manifest:
 
     @property
     def layout(self) -> DataLayout:
-        """The output layout of this recipe."""
-        return DataLayout(Path(self.output_root))
+        """The output layout of this recipe (local folder or storage URL)."""
+        return DataLayout(self.output_root, self.storage_options)
+
+    def runner(self, **options: Any) -> UnitRunner:
+        """A UnitRunner on this recipe's layout with its lease and failure settings (`options` go to UnitRunner)."""
+        return UnitRunner(self.layout, lease_seconds=self.units.lease_seconds,
+                          max_failed_fraction=self.units.max_failed_fraction, **options)
 
     def registry_paths(self) -> list[Path]:
         """Registry files, resolved against the manifest's folder."""
@@ -176,12 +214,21 @@ class Manifest:
 
 
 def load_manifest(path: str | Path, output_root: str | Path | None = None) -> Manifest:
-    """Load and validate a manifest; `output_root` overrides the one in the file."""
+    """Load and validate a manifest; `output_root` overrides the one in the file.
+
+    The output root's filesystem is checked now: an unknown or missing one fails before any work, naming
+    the manifest key (or raising StorageError for an `output_root` given here)."""
     path = Path(path)
     manifest = from_mapping(Manifest, read_yaml(path), path)
     manifest.path = path.resolve()
     if output_root is not None:
         manifest.output_root = str(output_root)
+        manifest.layout  # noqa: B018 - raises StorageError naming the URL
+        return manifest
+    try:
+        manifest.layout  # noqa: B018 - opens (checks) the output root's filesystem
+    except StorageError as exc:
+        raise ConfigError(path, "output_root", str(exc)) from exc
     return manifest
 
 

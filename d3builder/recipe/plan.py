@@ -9,7 +9,6 @@ from pathlib import Path
 from d3builder.core.yamlconfig import from_mapping, read_yaml
 from d3builder.generators.registry import load_registries
 from d3builder.recipe.manifest import Manifest
-from d3builder.storage.units import read_stats
 
 LAION_400M_ROWS = 413_000_000
 """Samples in LAION-400M (D3_FACTS.md)."""
@@ -45,13 +44,14 @@ def load_throughput(path: str | Path) -> ThroughputTable:
 
 @dataclass
 class StagePlan:
-    """One stage of the plan: what it reads, writes, and costs."""
+    """One stage of the plan: its units (how many, how big), what it reads and writes, and what it costs."""
 
     stage: str
     units: int
     items: int
     what: str
     gpu_hours: float = 0.0
+    unit_size: str = ""
 
 
 @dataclass
@@ -76,31 +76,43 @@ class Plan:
             f"Plan for manifest {self.manifest}: {self.records:,} records ({self.records_source}), "
             f"{self.shards:,} shards, about {self.expected_reals:,} real images after download",
             "",
-            "| stage | units | items | what | GPU-hours |",
-            "|---|---:|---:|---|---:|",
+            "| stage | units | items | per unit | what | GPU-hours |",
+            "|---|---:|---:|---|---|---:|",
         ]
         for s in self.stages:
-            lines.append(f"| {s.stage} | {s.units:,} | {s.items:,} | {s.what} | {s.gpu_hours:,.1f} |")
-        lines.append(f"| **total** | | | GPU-hours on {self.gpu} | **{self.gpu_hours:,.1f}** |")
+            lines.append(f"| {s.stage} | {s.units:,} | {s.items:,} | {s.unit_size} | {s.what} | {s.gpu_hours:,.1f} |")
+        lines.append(f"| **total** | {sum(s.units for s in self.stages):,} | | | GPU-hours on {self.gpu} | "
+                     f"**{self.gpu_hours:,.1f}** |")
         return "\n".join(lines)
 
 
 def _selected_records(manifest: Manifest) -> tuple[int, str]:
     """Records `select` chose (if it ran) or the recipe's estimate from the LAION-400M size."""
-    stats = manifest.layout.stats("select", 0)
-    if stats.is_file():
-        return int(read_stats(stats)["kept"]), "selected"
+    layout = manifest.layout
+    stats = layout.stats("select", 0)
+    if layout.store.isfile(stats):
+        return int(layout.store.read_json(stats)["kept"]), "selected"
     estimate = int(LAION_400M_ROWS * manifest.sampling.fraction)
     if manifest.sampling.max_records is not None:
         estimate = min(estimate, manifest.sampling.max_records)
     return estimate, "estimated from LAION-400M size and the sampling fraction"
 
 
+def generation_units(images_per_shard: int, shards: int, seconds_per_image: float,
+                     max_unit_minutes: float) -> tuple[int, str]:
+    """Units of one generator: each shard cut into parts of at most `max_unit_minutes` of GPU time."""
+    parts = max(1, math.ceil(images_per_shard * seconds_per_image / (max_unit_minutes * 60)))
+    per_part = math.ceil(images_per_shard / parts)
+    minutes = per_part * seconds_per_image / 60
+    return shards * parts, f"{per_part:,} images, {minutes:,.{0 if minutes >= 10 else 1}f} GPU-min"
+
+
 def make_plan(manifest: Manifest, throughput: ThroughputTable, train_epochs: int = 150) -> Plan:
-    """Plan every stage of `manifest`; GPU-hours from the throughput table.
+    """Plan every stage of `manifest`; GPU-hours and generation unit sizes from the throughput table.
 
     Generation renders every selected record (not only those whose real image was fetched), so that
-    images recovered later by `fetch-real --retry-failed` still have their fakes.
+    images recovered later by `fetch-real --retry-failed` still have their fakes. A generation unit is
+    at most `generate.max_unit_minutes` of GPU time: bigger shards are split into parts.
     """
     registry = load_registries(*manifest.registry_paths())
     records, source = _selected_records(manifest)
@@ -109,9 +121,12 @@ def make_plan(manifest: Manifest, throughput: ThroughputTable, train_epochs: int
     test_records = int(reals * manifest.splits.get("test", 0.0))
     train_records = int(reals * manifest.splits.get("train", 0.0))
     plan = Plan(str(manifest.path), records, source, shards, reals, throughput.gpu)
+    per_shard = min(manifest.shard_size, records)
+    max_minutes = manifest.generate.max_unit_minutes
     plan.stages += [
-        StagePlan("select", 1, records, "records/{k}.parquet"),
-        StagePlan("fetch-real", shards, records, "real/{k}.parquet (img2dataset, no GPU)"),
+        StagePlan("select", 1, records, "records/{k}.parquet", unit_size=f"{records:,} records"),
+        StagePlan("fetch-real", shards, records, "real/{k}.parquet (img2dataset, no GPU)",
+                  unit_size=f"{per_shard:,} URLs"),
     ]
     for name in manifest.generators:
         if name not in registry:
@@ -120,34 +135,42 @@ def make_plan(manifest: Manifest, throughput: ThroughputTable, train_epochs: int
         if speed is None:
             raise KeyError(f"no throughput for generator {name!r} (gpu {throughput.gpu}): add it to the table")
         kind = "measured" if speed.measured else "estimated"
+        units, size = generation_units(per_shard, shards, speed.seconds_per_image, max_minutes)
         plan.stages.append(
             StagePlan(
                 f"generate {name}",
-                shards,
+                units,
                 records,
                 f"gen/{name}/{{k}}.parquet, {speed.seconds_per_image:g} s/image ({kind})",
                 records * speed.seconds_per_image / 3600,
+                size,
             )
         )
     per_record = 1 + len(manifest.generators)
     plan.stages += [
-        StagePlan("assemble", shards, reals, "d3/{split}/{split}-{k}.parquet"),
-        StagePlan("transform-test", shards, test_records * per_record, "d3/test_augm/ (CPU)"),
+        StagePlan("assemble", shards, reals, "d3/{split}/{split}-{k}.parquet", unit_size=f"{per_shard:,} records"),
+        StagePlan("transform-test", shards, test_records * per_record, "d3/test_augm/ (CPU)",
+                  unit_size=f"{math.ceil(test_records * per_record / max(shards, 1)):,} images"),
     ]
     test_selected = int(records * manifest.splits.get("test", 0.0))
+    test_per_shard = math.ceil(test_selected / max(shards, 1))
     for name in manifest.extended.generators:
         speed = throughput.generators.get(name)
         hours = test_selected * speed.seconds_per_image / 3600 if speed else 0.0
         what = f"extended/{name}/" + ("" if speed else " (no throughput figure: not counted)")
-        plan.stages.append(StagePlan(f"extend {name}", shards, test_selected, what, hours))
+        units, size = (generation_units(test_per_shard, shards, speed.seconds_per_image, max_minutes) if speed
+                       else (shards, f"{test_per_shard:,} images"))
+        plan.stages.append(StagePlan(f"extend {name}", units, test_selected, what, hours, size))
     plan.stages += [
-        StagePlan("validate", shards, reals * per_record, "every image decoded (CPU)"),
+        StagePlan("validate", shards, reals * per_record, "every image decoded (CPU)",
+                  unit_size=f"{math.ceil(reals * per_record / max(shards, 1)):,} images"),
         StagePlan(
             "codetrain train",
             train_epochs,
             train_records * train_epochs,
             f"{train_epochs} epochs of ViT-Tiny",
             train_records * train_epochs / throughput.train_records_per_second_per_gpu / 3600,
+            f"{train_records:,} records (an epoch)",
         ),
     ]
     return plan

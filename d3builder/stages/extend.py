@@ -3,8 +3,9 @@
 The same machinery as the D3 generators: `generate_shards` (restricted to the test split) writes the
 gen/{g}/{k}.parquet intermediate, then each records shard's test records are joined by id with
 real/{k}.parquet exactly as `assemble` joins them, into the final shard format with one generator slot
-(gen0 = the new generator). Readers handle these shards like D3 test shards. Adding a generator is one
-registry entry (manifests/extended.yaml) and its name under the manifest's extended.generators.
+(gen0 = the new generator). Both are units of the unit runner (stats under stats/generate/{g}/ and
+stats/extend/{g}/). Readers handle these shards like D3 test shards. Adding a generator is one registry
+entry (manifests/extended.yaml) and its name under the manifest's extended.generators.
 """
 
 from __future__ import annotations
@@ -14,24 +15,27 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
+from d3builder.core.commandline import UsageError
 from d3builder.generators.registry import RegistryError
 from d3builder.generators.render import (
-    GenerateSummary,
+    STAGE as GENERATE,
+)
+from d3builder.generators.render import (
     SpeedOptions,
-    done,
+    covers,
     generate_shards,
     manifest_registry,
-    print_summary,
     process_state,
     registry_entry,
 )
 from d3builder.recipe.cliargs import (
     add_manifest_args,
     add_speed_args,
+    add_unit_args,
     manifest_from_args,
+    report,
     speed_from_args,
 )
 from d3builder.recipe.manifest import Manifest
@@ -43,9 +47,16 @@ from d3builder.storage.pairing import (
     paired_row,
     read_records,
 )
+from d3builder.storage.runner import (
+    BadInput,
+    RunSummary,
+    Unit,
+    UnitContext,
+    UnitJob,
+    UnitWork,
+    shards_for_process,
+)
 from d3builder.storage.schema import d3_features
-from d3builder.storage.shards import ShardStream
-from d3builder.storage.units import claim, shards_for_process, unit_done, write_stats
 
 logger = logging.getLogger(__name__)
 
@@ -53,51 +64,36 @@ STAGE = "extend"
 SPLIT = "test"
 
 
-@dataclass
-class ExtendSummary:
-    """What one process of an `extend` run did, per generator."""
+class JoinJob(UnitJob):
+    """extend's unit (g, k): the test records of records/{k} joined with real/{k} and gen/{g}/{k}."""
 
-    generate: dict[str, GenerateSummary] = field(default_factory=dict)
-    joined: dict[str, list[int]] = field(default_factory=dict)
-    already_done: dict[str, list[int]] = field(default_factory=dict)
-    not_joined: dict[str, dict[int, str]] = field(default_factory=dict)
-    written: Counter = field(default_factory=Counter)
-    dropped: Counter = field(default_factory=Counter)
-    reasons: dict[str, Counter] = field(default_factory=dict)
+    stage = STAGE
 
-    @property
-    def complete(self) -> bool:
-        """True when every generator rendered and joined every shard of this process."""
-        return all(s.complete for s in self.generate.values()) and not any(self.not_joined.values())
+    def __init__(self, manifest: Manifest, generator: str) -> None:
+        super().__init__(manifest.layout)
+        self.generator = generator
 
+    def outputs(self, unit: Unit) -> list[PurePath]:
+        return [self.layout.extended(self.generator, unit.shard)]
 
-def join_shard(manifest: Manifest, generator: str, shard: int) -> tuple[str, int, Counter]:
-    """Join shard k's test records with real/{k} and gen/{g}/{k}; returns (state, rows written, drops by reason).
-
-    state is joined, done, busy, or a problem (missing or unreadable input) naming the file."""
-    layout = manifest.layout
-    stats, output = layout.stats(STAGE, shard, generator), layout.extended(generator, shard)
-    if unit_done(stats, layout.root):
-        return "done", 0, Counter()
-    inputs = {"records": layout.records(shard), "real": layout.real(shard), "gen": layout.gen(generator, shard)}
-    missing = [str(p) for p in inputs.values() if not p.is_file()]
-    if missing:
-        return f"missing input: {', '.join(missing)}", 0, Counter()
-    if not done(layout, generator, shard, [SPLIT]):
-        return f"{inputs['gen']}: not complete for the test split (no stats)", 0, Counter()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with claim(output) as ours:
-        if not ours:
-            return "busy", 0, Counter()
-        started = time.time()
+    def compute(self, ctx: UnitContext) -> UnitWork:
+        layout, store, shard, started = self.layout, self.store, ctx.unit.shard, time.time()
+        output = self.outputs(ctx.unit)[0]
+        inputs = {"records": layout.records(shard), "real": layout.real(shard), "gen": layout.gen(self.generator, shard)}
+        missing = [layout.url(p) for p in inputs.values() if not store.isfile(p)]
+        if missing:
+            raise BadInput(f"missing input: {', '.join(missing)}")
+        gen_stats = layout.stats(GENERATE, shard, self.generator)
+        if not store.isfile(gen_stats) or not covers(store.read_json(gen_stats), [SPLIT]):
+            raise BadInput(f"{layout.url(inputs['gen'])}: not complete for the test split (no stats)")
         try:
-            records = [r for r in read_records(inputs["records"]) if r["split"] == SPLIT]
-            real = ShardSource(inputs["real"], REAL_META)
-            gens = {generator: ShardSource(inputs["gen"], GEN_META)}
+            records = [r for r in read_records(inputs["records"], store) if r["split"] == SPLIT]
+            real = ShardSource(inputs["real"], REAL_META, store)
+            gens = {self.generator: ShardSource(inputs["gen"], GEN_META, store)}
         except InputError as exc:
-            return str(exc), 0, Counter()
+            raise BadInput(str(exc)) from exc
         reasons: Counter = Counter()
-        stream = ShardStream(output, d3_features(1))
+        stream = ctx.stream(output, d3_features(1))
         try:
             for record in records:
                 row, why = paired_row(record, real, gens)
@@ -105,89 +101,80 @@ def join_shard(manifest: Manifest, generator: str, shard: int) -> tuple[str, int
                     reasons.update(why)
                 else:
                     stream.write(row)
-            written = stream.commit()
+            written = ctx.commit(stream)
         except BaseException:
             stream.abort()
             raise
         if written is None:
-            output.unlink(missing_ok=True)  # a stale file of an earlier, different run of this unit
-        write_stats(stats, {
+            ctx.remove(output)  # a stale file of an earlier, different run of this unit
+        rows = stream.rows if written else 0
+        ctx.advance(len(records))
+        return UnitWork({
             "shard": shard,
-            "generator": generator,
+            "generator": self.generator,
             "records": len(records),
-            "written": stream.rows if written else 0,
-            "dropped": sum(reasons.values()),
+            "written": rows,
+            "dropped": len(records) - rows,
             "dropped_by_reason": dict(sorted(reasons.items())),
-            "outputs": {SPLIT: str(output.relative_to(layout.root))} if written else {},
-            "inputs": {k: str(p.relative_to(layout.root)) for k, p in inputs.items()},
+            "outputs": {SPLIT: store.relative(output)} if written else {},
+            "inputs": {k: store.relative(p) for k, p in inputs.items()},
             "seconds": round(time.time() - started, 3),
-        })
-        return "joined", stream.rows if written else 0, reasons
+        }, records=len(records), reasons=reasons, counts=Counter({SPLIT: rows}))
 
 
 def extend(
     manifest: Manifest,
-    generators_file: str | Path | None = None,
+    registry_file: str | Path | None = None,
     names: Sequence[str] | None = None,
     *,
+    shards: Sequence[int] | None = None,
     batch_size: int | None = None,
     speed: SpeedOptions | None = None,
     progress: bool = True,
-) -> ExtendSummary:
+    retry_failed: bool = False,
+    wait: bool = True,
+) -> list[RunSummary]:
     """Render and join the test records for each extended generator (default: manifest.extended.generators).
 
-    `generators_file` defaults to the manifest's extended.registry; it is loaded together with the
-    manifest's own registry files. Every name is checked before any work starts (RegistryError)."""
+    Returns the generate and the extend summary of each generator, in order. `registry_file` defaults to
+    the manifest's extended.registry; it is loaded together with the manifest's own registry files. Every
+    name is checked before any work starts (RegistryError); no records shard is a UsageError."""
     speed = speed or SpeedOptions()
-    path = Path(generators_file) if generators_file is not None else manifest.extended_registry_path()
+    path = Path(registry_file) if registry_file is not None else manifest.extended_registry_path()
     registry = manifest_registry(manifest, path)
     names = list(names) if names else list(manifest.extended.generators)
     if not names:
         raise RegistryError(f"{manifest.path}: extended.generators is empty and no generator was named")
     entries = [registry_entry(registry, name) for name in names]
+    layout = manifest.layout
+    every = sorted(set(shards)) if shards is not None else layout.record_shards()
+    if not every:
+        raise UsageError(f"no records shards under {layout.url(layout.root / 'records')}: run `d3builder select` first")
     state = process_state()
-    summary = ExtendSummary()
+    summaries = []
     for entry in entries:
-        summary.generate[entry.name] = generate_shards(
-            manifest, entry.name, registry=registry, batch_size=batch_size, speed=speed, splits=[SPLIT],
-            progress=progress,
-        )
+        summaries.append(generate_shards(
+            manifest, entry.name, registry=registry, shards=every, batch_size=batch_size, speed=speed,
+            splits=[SPLIT], progress=progress, retry_failed=retry_failed, wait=wait,
+        ))
         state.wait_for_everyone()  # every gen shard is written before any process joins
-        joined, already, problems, reasons = [], [], {}, Counter()
-        mine = shards_for_process(manifest.layout.record_shards(), state.process_index, state.num_processes)
-        for shard in mine:
-            result, written, dropped = join_shard(manifest, entry.name, shard)
-            if result == "joined":
-                joined.append(shard)
-            elif result == "done":
-                already.append(shard)
-            else:
-                logger.error("extended shard %d of %s not written: %s", shard, entry.name, result)
-                problems[shard] = result
-            summary.written[entry.name] += written
-            summary.dropped[entry.name] += sum(dropped.values())
-            reasons.update(dropped)
-        summary.joined[entry.name], summary.already_done[entry.name] = joined, already
-        summary.not_joined[entry.name], summary.reasons[entry.name] = problems, reasons
-    return summary
+        runner = manifest.runner(progress=progress and state.is_main_process, wait=wait,
+                                 rank=state.process_index, world=state.num_processes)
+        mine = shards_for_process(every, state.process_index, state.num_processes)
+        summaries.append(runner.run(JoinJob(manifest, entry.name), [Unit(STAGE, k, entry.name) for k in mine],
+                                    group=entry.name))
+    return summaries
 
 
 def _run(args: argparse.Namespace) -> int:
     manifest = manifest_from_args(args)
     try:
-        summary = extend(manifest, args.generators, args.only, batch_size=args.batch_size, speed=speed_from_args(args))
+        summaries = extend(manifest, args.registry, args.only, shards=args.shards, batch_size=args.batch_size,
+                           speed=speed_from_args(args), progress=args.progress, retry_failed=args.retry_failed,
+                           wait=args.wait)
     except (RegistryError, ValueError) as exc:
-        print(f"d3builder extend: {exc}")
-        return 2
-    for name, gen in summary.generate.items():
-        print_summary(gen)
-        print(f"{name}: joined {len(summary.joined[name])} shard(s), {len(summary.already_done[name])} already done; "
-              f"{summary.written[name]} test record(s) written, {summary.dropped[name]} dropped")
-        for reason, count in sorted(summary.reasons[name].items()):
-            print(f"  dropped {reason}: {count}")
-        for shard, problem in sorted(summary.not_joined[name].items()):
-            print(f"  shard {shard}: NOT written: {problem}")
-    return 0 if summary.complete else 1
+        raise UsageError(str(exc)) from exc
+    return report(*summaries)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -200,9 +187,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "shard format with one generator slot (gen0). Resumable; runs under accelerate launch like generate.",
     )
     add_manifest_args(parser)
-    parser.add_argument("--generators", help="registry of the further generators (default: the manifest's "
+    parser.add_argument("--registry", help="registry file of the further generators (default: the manifest's "
                         "extended.registry, e.g. manifests/extended.yaml)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="only these generators (default: the manifest's "
                         "extended.generators)")
+    add_unit_args(parser, retry=True)
     add_speed_args(parser)
     parser.set_defaults(func=_run)

@@ -15,27 +15,38 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
-from tqdm import tqdm
 
+from d3builder.core.commandline import UsageError
 from d3builder.download.img2dataset_runner import (
     fetch_rows,
     img2dataset_options,
     img2dataset_version,
 )
-from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
+from d3builder.recipe.cliargs import (
+    add_manifest_args,
+    add_unit_args,
+    manifest_from_args,
+    report,
+)
 from d3builder.recipe.manifest import FetchConfig, Manifest
 from d3builder.storage.layout import DataLayout, shard_name
+from d3builder.storage.runner import (
+    BadInput,
+    RunSummary,
+    Unit,
+    UnitContext,
+    UnitJob,
+    UnitWork,
+)
 from d3builder.storage.schema import REAL_FEATURES
-from d3builder.storage.shards import write_shard
-from d3builder.storage.units import claim, is_done, read_stats, write_stats
+from d3builder.storage.store import Store
 
 STAGE = "fetch-real"
 SUCCESS, FAILED = "success", "failed"
@@ -223,29 +234,25 @@ def shard_counts(table: pa.Table) -> dict[str, Any]:
     }
 
 
-def read_records(path: Path) -> pa.Table:
-    """A records shard's (id, url), checked for duplicate ids."""
-    records = pq.read_table(path, columns=["id", "url"])
+def read_records(store: Store, path: PurePath) -> pa.Table:
+    """A records shard's (id, url), checked for duplicate ids (BadInput naming the file otherwise)."""
+    if not store.isfile(path):
+        raise BadInput(f"no records shard {store.url(path)} (run select)")
+    try:
+        records = store.read_table(path, columns=["id", "url"])
+    except (OSError, pa.ArrowException) as exc:
+        raise BadInput(f"{store.url(path)}: unreadable records shard: {exc}") from exc
     ids = records["id"].to_pylist()
     if len(set(ids)) != len(ids):
         duplicate = next(i for i, n in Counter(ids).items() if n > 1)
-        raise ValueError(f"{path}: record id {duplicate!r} appears more than once")
+        raise BadInput(f"{store.url(path)}: record id {duplicate!r} appears more than once")
     return records
-
-
-def remove_leftovers(layout: DataLayout, shard: int) -> None:
-    """Delete what a killed run on `shard` left: its img2dataset folder and any half-written shard (claim held)."""
-    for folder in (layout.root / ".tmp" / STAGE).glob(f"{shard_name(shard)}-*"):
-        shutil.rmtree(folder, ignore_errors=True)
-    output = layout.real(shard)
-    for partial in output.parent.glob(f".{output.name}.tmp-*"):
-        partial.unlink(missing_ok=True)
 
 
 @contextmanager
 def work_dir(layout: DataLayout, shard: int) -> Iterator[Path]:
-    """A fresh temporary folder for one shard's img2dataset run, deleted after."""
-    path = layout.root / ".tmp" / STAGE / f"{shard_name(shard)}-{os.getpid()}"
+    """A fresh local folder for one shard's img2dataset run (under the root, or TMPDIR for URLs), deleted after."""
+    path = layout.store.scratch(STAGE, f"{shard_name(shard)}-{os.getpid()}")
     path.mkdir(parents=True)
     try:
         yield path
@@ -264,156 +271,106 @@ def download(layout: DataLayout, shard: int, rows: pa.Table, fetch: FetchConfig,
     return real_table(rows, Fetched.concat(parts))
 
 
-@dataclass
-class ShardOutcome:
-    """What happened to one shard in this run."""
-
-    action: str
-    counts: dict[str, Any] = field(default_factory=dict)
+def _work(counts: dict[str, Any], stats: dict[str, Any], records: int) -> UnitWork:
+    """A unit's work: download failures are recorded by reason but are not failed work (link rot is data)."""
+    return UnitWork(stats, records=records, reasons=Counter(counts["failures_by_reason"]),
+                    counts=Counter(fetched=counts["successes"], not_fetched=counts["failures"]))
 
 
-def fetch_shard(layout: DataLayout, shard: int, fetch: FetchConfig, progress: bool) -> ShardOutcome:
-    """Fetch every record of shard `shard`, write `real/{k}.parquet`, then its stats (the done marker)."""
-    start = time.time()
-    records = read_records(layout.records(shard))
-    table = download(layout, shard, records, fetch, progress)
-    write_shard(table, layout.real(shard), REAL_FEATURES)
-    seconds = time.time() - start
-    counts = shard_counts(table)
-    write_stats(
-        layout.stats(STAGE, shard),
-        {
-            "stage": STAGE,
+class FetchJob(UnitJob):
+    """fetch-real's unit k: records/{k} -> real/{k}; --retry-failed downloads a done shard's failures again."""
+
+    stage, item = STAGE, "url"
+
+    def __init__(self, layout: DataLayout, fetch: FetchConfig, progress: bool) -> None:
+        super().__init__(layout)
+        self.fetch, self.progress = fetch, progress
+
+    def outputs(self, unit: Unit) -> list[PurePath]:
+        return [self.layout.real(unit.shard)]
+
+    def size(self, unit: Unit) -> int:
+        path = self.layout.records(unit.shard)
+        return self.store.parquet_file(path).metadata.num_rows if self.store.isfile(path) else 0
+
+    def retryable(self, stats: dict[str, Any]) -> bool:
+        return stats.get("failures", 0) > 0
+
+    def cleanup(self, unit: Unit) -> None:
+        """img2dataset folders a killed run of this shard left."""
+        for folder in self.store.scratch(STAGE).glob(f"{shard_name(unit.shard)}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def compute(self, ctx: UnitContext) -> UnitWork:
+        """Fetch every record of the shard, write `real/{k}.parquet`; the runner writes the stats last."""
+        layout, shard, start = self.layout, ctx.unit.shard, time.time()
+        records = read_records(self.store, layout.records(shard))
+        table = download(layout, shard, records, self.fetch, self.progress)
+        ctx.write_shard(table, layout.real(shard), REAL_FEATURES)
+        seconds = time.time() - start
+        counts = shard_counts(table)
+        ctx.advance(records.num_rows)
+        log.info("shard %s: %d/%d fetched in %.1f s", shard_name(shard), counts["successes"], counts["records"], seconds)
+        return _work(counts, {
             "shard": shard,
             **counts,
             "duration_s": seconds,
             "urls_per_s": records.num_rows / seconds if seconds > 0 else None,
             "img2dataset_version": img2dataset_version(),
-            "img2dataset_options": img2dataset_options(fetch, records.num_rows),
+            "img2dataset_options": img2dataset_options(self.fetch, records.num_rows),
             "retries": [],
-        },
-    )
-    log.info("shard %s: %d/%d fetched in %.1f s", shard_name(shard), counts["successes"], counts["records"], seconds)
-    return ShardOutcome("fetched", counts)
+        }, records.num_rows)
 
-
-def retry_shard(layout: DataLayout, shard: int, fetch: FetchConfig, progress: bool) -> ShardOutcome:
-    """Fetch a done shard's failed records again and rewrite it, successes kept as they were."""
-    start = time.time()
-    output, stats_path = layout.real(shard), layout.stats(STAGE, shard)
-    old = pq.read_table(output)
-    failed = old.filter(pc.equal(old["status"], FAILED)).select(["id", "url"])
-    if failed.num_rows == 0:
-        return ShardOutcome("skipped")
-    new = download(layout, shard, failed, fetch, progress)
-    merged = merge_retry(old, new)
-    write_shard(merged, output, REAL_FEATURES)
-    seconds = time.time() - start
-    stats = read_stats(stats_path)
-    counts = shard_counts(merged)
-    attempt = {
-        "retried": failed.num_rows,
-        "recovered": counts["successes"] - stats.get("successes", 0),
-        "duration_s": seconds,
-        "urls_per_s": failed.num_rows / seconds if seconds > 0 else None,
-        "img2dataset_version": img2dataset_version(),
-        "at": time.time(),
-    }
-    write_stats(stats_path, {**stats, **counts, "retries": [*stats.get("retries", []), attempt]})
-    log.info("shard %s: retried %d, recovered %d", shard_name(shard), failed.num_rows, attempt["recovered"])
-    return ShardOutcome("retried", counts)
-
-
-def process_shard(
-    layout: DataLayout, shard: int, fetch: FetchConfig, retry_failed: bool, progress: bool
-) -> ShardOutcome:
-    """Fetch shard `shard` unless done (or retry its failures), under a claim so no two processes do it."""
-    if not layout.records(shard).is_file():
-        raise FileNotFoundError(f"no records shard {layout.records(shard)}")
-    output, stats = layout.real(shard), layout.stats(STAGE, shard)
-    if is_done(output, stats) and not retry_failed:
-        return ShardOutcome("skipped")
-    with claim(output) as mine:
-        if not mine:
-            return ShardOutcome("busy")
-        remove_leftovers(layout, shard)
-        if not is_done(output, stats):
-            return fetch_shard(layout, shard, fetch, progress)
-        if retry_failed:
-            return retry_shard(layout, shard, fetch, progress)
-        return ShardOutcome("skipped")
-
-
-@dataclass
-class FetchSummary:
-    """What one `fetch_real` call did: shards per action, and the records of the shards it wrote."""
-
-    fetched: list[int] = field(default_factory=list)
-    retried: list[int] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
-    busy: list[int] = field(default_factory=list)
-    errors: dict[int, str] = field(default_factory=dict)
-    records: int = 0
-    successes: int = 0
-    failures: int = 0
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def add(self, shard: int, outcome: ShardOutcome) -> None:
-        """Count one shard's outcome."""
-        getattr(self, outcome.action).append(shard)
-        self.records += outcome.counts.get("records", 0)
-        self.successes += outcome.counts.get("successes", 0)
-        self.failures += outcome.counts.get("failures", 0)
-
-    def describe(self) -> str:
-        """A short human summary, one error per line."""
-        head = (
-            f"{STAGE}: {len(self.fetched)} shard(s) fetched, {len(self.retried)} retried, {len(self.skipped)} skipped, "
-            f"{len(self.busy)} busy elsewhere, {len(self.errors)} error(s); the shards written hold "
-            f"{self.records} records: {self.successes} fetched, {self.failures} failed; {self.seconds:.1f} s"
-        )
-        return "\n".join([head, *(f"error: {message}" for message in self.errors.values())])
+    def retry(self, ctx: UnitContext, stats: dict[str, Any]) -> UnitWork:
+        """Fetch a done shard's failed records again and rewrite it, successes kept as they were."""
+        layout, shard, start = self.layout, ctx.unit.shard, time.time()
+        output = layout.real(shard)
+        old = self.store.read_table(output)
+        failed = old.filter(pc.equal(old["status"], FAILED)).select(["id", "url"])
+        new = download(layout, shard, failed, self.fetch, self.progress)
+        merged = merge_retry(old, new)
+        ctx.write_shard(merged, output, REAL_FEATURES)
+        seconds = time.time() - start
+        counts = shard_counts(merged)
+        attempt = {
+            "retried": failed.num_rows,
+            "recovered": counts["successes"] - stats.get("successes", 0),
+            "duration_s": seconds,
+            "urls_per_s": failed.num_rows / seconds if seconds > 0 else None,
+            "img2dataset_version": img2dataset_version(),
+            "at": time.time(),
+        }
+        ctx.advance(failed.num_rows)
+        log.info("shard %s: retried %d, recovered %d", shard_name(shard), failed.num_rows, attempt["recovered"])
+        return _work(counts, {**stats, **counts, "retries": [*stats.get("retries", []), attempt]}, failed.num_rows)
 
 
 def fetch_real(
-    manifest: Manifest, shards: Sequence[int] | None = None, retry_failed: bool = False, progress: bool = True
-) -> FetchSummary:
-    """Fetch the real images of every records shard (or of `shards`) not done yet; `retry_failed` retries failures."""
+    manifest: Manifest, shards: Sequence[int] | None = None, retry_failed: bool = False, progress: bool = True,
+    wait: bool = True,
+) -> RunSummary:
+    """Fetch the real images of every records shard (or of `shards`) not done yet; `retry_failed` retries failures.
+
+    Raises UsageError when there is no records shard at all (run select first)."""
     layout = manifest.layout
     wanted = layout.record_shards() if shards is None else sorted(set(shards))
-    summary, start = FetchSummary(), time.time()
-    bar = tqdm(wanted, desc=STAGE, unit="shard", disable=not progress)
-    for shard in bar:
-        try:
-            summary.add(shard, process_shard(layout, shard, manifest.fetch, retry_failed, progress))
-        except Exception as exc:  # noqa: BLE001 - one broken shard must not stop the others; reported below
-            summary.errors[shard] = f"shard {shard_name(shard)}: {exc}"
-            log.error("%s", summary.errors[shard])
-        bar.set_postfix(ok=summary.successes, failed=summary.failures, errors=len(summary.errors))
-    summary.seconds = time.time() - start
-    return summary
-
-
-def shard_list(text: str) -> list[int]:
-    """Parse `--shards 0,3,7`."""
-    try:
-        shards = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--shards takes comma-separated shard numbers, got {text!r}") from exc
-    if not shards or min(shards) < 0:
-        raise argparse.ArgumentTypeError(f"--shards takes shard numbers >= 0, got {text!r}")
-    return shards
+    if not wanted:
+        raise UsageError(f"no records shards under {layout.url(layout.root / 'records')}: run `d3builder select` first")
+    runner = manifest.runner(retry_failed=retry_failed, progress=progress, wait=wait)
+    return runner.run(FetchJob(layout, manifest.fetch, progress), [Unit(STAGE, k) for k in wanted])
 
 
 def run(args: argparse.Namespace) -> int:
     """The `fetch-real` subcommand."""
-    summary = fetch_real(manifest_from_args(args), shards=args.shards, retry_failed=args.retry_failed)
-    print(summary.describe())
-    return 0 if summary.ok else 1
+    manifest = manifest_from_args(args)
+    summary = fetch_real(manifest, shards=args.shards, retry_failed=args.retry_failed, progress=args.progress,
+                         wait=args.wait)
+    counts = summary.counts
+    code = report(summary)
+    if summary.records:
+        print(f"fetch-real: the shards written now hold {counts['fetched']} fetched and {counts['not_fetched']} "
+              "failed downloads (recorded with their reason; `--retry-failed` tries them again)")
+    return code
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -425,10 +382,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "into real/{k}.parquet with a status and reason per record; done shards are skipped.",
     )
     add_manifest_args(parser)
-    parser.add_argument(
-        "--retry-failed", action="store_true", help="also download the failed records of done shards again"
-    )
-    parser.add_argument(
-        "--shards", type=shard_list, help="only these shard numbers, e.g. 0,3 (default: every records shard)"
-    )
+    add_unit_args(parser, retry=True)
     parser.set_defaults(func=run)

@@ -2,8 +2,9 @@
 
 Everything comes from what `generate` stored: the gen row (seed, size, prompts, steps, guidance, scheduler,
 encoding) and the shard's stats (batch size, encoding mix and JPEG quality range, sampler configs, dtype and
-speed switches). The image's batch is rebuilt from the stored rows with the same `plan_batches`, because CPU
-and GPU kernels differ slightly between batch sizes; on the same machine and versions the bytes then match.
+speed switches, batches rendered other than planned). The image's batch is rebuilt from the stored rows
+(`replay_batches`: the same plan, and the recorded re-batchings), because CPU and GPU kernels differ slightly
+between batch sizes; on the same machine and versions the bytes then match.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import torch
 
+from d3builder.core.commandline import UsageError
 from d3builder.generators.encoding import (
     Encoding,
     draw_encoding,
@@ -31,15 +32,14 @@ from d3builder.generators.render import (
     STAGE,
     Job,
     manifest_registry,
-    plan_batches,
     registry_entry,
+    replay_batches,
 )
 from d3builder.generators.runtime import LoadedGenerator, load_generator
 from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
 from d3builder.recipe.manifest import Manifest
 from d3builder.storage.layout import DataLayout, extension, shard_number
 from d3builder.storage.shards import atomic_write_bytes
-from d3builder.storage.units import read_stats
 
 META_COLUMNS = ["id", "status", "seed", "width", "height", "prompt", "negative_prompt", "encoding",
                 "num_inference_steps", "guidance_scale", "scheduler", "model", "model_revision"]
@@ -78,8 +78,8 @@ def locate(layout: DataLayout, generator: str, ids: Sequence[str]) -> dict[str, 
     """The gen shard number holding each id (ids not found are left out)."""
     wanted, found = set(ids), {}
     folder = layout.gen(generator, 0).parent
-    for path in sorted(folder.glob("[0-9]*.parquet")):
-        for record in pq.read_table(path, columns=["id"]).column("id").to_pylist():
+    for path in layout.store.glob(folder / "[0-9]*.parquet"):
+        for record in layout.store.read_table(path, columns=["id"]).column("id").to_pylist():
             if record in wanted and record not in found:
                 found[record] = shard_number(path)
     return found
@@ -90,7 +90,7 @@ def stored_entry(entry: GeneratorEntry, provenance: dict[str, Any]) -> Generator
     stages = tuple(
         dataclasses.replace(spec, steps=p["steps"], guidance=p["guidance"], scheduler=p["scheduler"],
                             call_kwargs=dict(p["call_kwargs"]))
-        for spec, p in zip(entry.stages, provenance.get("stages", []))
+        for spec, p in zip(entry.stages, provenance.get("stages", []), strict=False)
     )
     return dataclasses.replace(entry, steps=provenance["steps"], guidance=provenance["guidance"],
                                scheduler=provenance["scheduler"], call_kwargs=dict(provenance["call_kwargs"]),
@@ -101,7 +101,7 @@ def _differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Provenance fields (base and stages) that differ between the stored run and this one."""
     notes = [f"{key}: stored {stored.get(key)!r}, now {now.get(key)!r}"
              for key in (*COMPARED, *SWITCHES, "diffusers", "torch", "transformers") if stored.get(key) != now.get(key)]
-    for index, (old, new) in enumerate(zip(stored.get("stages", []), now.get("stages", []))):
+    for index, (old, new) in enumerate(zip(stored.get("stages", []), now.get("stages", []), strict=False)):
         notes += [f"stages[{index}].{key}: stored {old.get(key)!r}, now {new.get(key)!r}"
                   for key in COMPARED if old.get(key) != new.get(key)]
     return notes
@@ -128,29 +128,29 @@ def _regenerate_shard(manifest: Manifest, renderer: _Renderer, shard: int, ids: 
                       out_dir: Path) -> list[Regenerated]:
     """Re-render the requested ids of one gen shard, batch by stored batch."""
     layout, name = manifest.layout, renderer.entry.name
-    stats = read_stats(layout.stats(STAGE, shard, name))
+    store = layout.store
+    stats = store.read_json(layout.stats(STAGE, shard, name))
     path = layout.gen(name, shard)
-    rows = pq.read_table(path, columns=META_COLUMNS).to_pylist()
-    images = pq.read_table(path, columns=["image"]).column("image").to_pylist()
-    stored = {r["id"]: cell for r, cell in zip(rows, images)}
+    rows = store.read_table(path, columns=META_COLUMNS).to_pylist()
+    images = store.read_table(path, columns=["image"]).column("image").to_pylist()
+    stored = {r["id"]: cell for r, cell in zip(rows, images, strict=True)}
     by_id = {r["id"]: r for r in rows}
     results = {i: Regenerated(i, shard) for i in ids}
     provenance = stats.get("provenance")
     if not provenance:
         for result in results.values():
-            result.error = f"{layout.stats(STAGE, shard, name)}: no provenance stored"
+            result.error = f"{layout.url(layout.stats(STAGE, shard, name))}: no provenance stored"
         return list(results.values())
     loaded = renderer.get(provenance)
     notes = _differences(provenance, loaded.provenance())
     jobs = [Job(r["id"], r["prompt"], r["negative_prompt"], r["seed"], r["width"], r["height"]) for r in rows]
-    for batch in plan_batches(jobs, stats["batch_size"]):
-        wanted = [j for j in batch if j.id in results]
-        if not wanted:
+    for batch, owns in replay_batches(jobs, stats["batch_size"], stats.get("rebatched", [])):
+        if not any(j.id in results for j in batch if j.id in owns):
             continue
         rendered = loaded.generate([j.prompt for j in batch], [j.negative_prompt for j in batch],
                                    batch[0].width, batch[0].height, [j.seed for j in batch])
         for job, image in zip(batch, rendered, strict=True):
-            if job.id not in results:
+            if job.id not in results or job.id not in owns:
                 continue
             result, row = results[job.id], by_id[job.id]
             result.notes = list(notes)
@@ -189,11 +189,13 @@ def regenerate(
     registry = manifest_registry(manifest) if registry is None else registry
     entry = registry_entry(registry, generator_name)
     layout = manifest.layout
-    out = Path(out_dir) if out_dir is not None else layout.root / "regenerated" / entry.name
+    if out_dir is None and not layout.store.local:
+        raise UsageError(f"{layout.url(layout.root)} is not a local folder: pass --out-dir for the regenerated files")
+    out = Path(out_dir) if out_dir is not None else Path(layout.root) / "regenerated" / entry.name
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ids = list(dict.fromkeys(ids))
     where = locate(layout, entry.name, ids)
-    results = {i: Regenerated(i, error=f"not found in {layout.gen(entry.name, 0).parent}")
+    results = {i: Regenerated(i, error=f"not found in {layout.url(layout.gen(entry.name, 0).parent)}")
                for i in ids if i not in where}
     renderer = _Renderer(entry, device)
     for shard in sorted(set(where.values())):
@@ -205,10 +207,9 @@ def regenerate(
 def _run(args: argparse.Namespace) -> int:
     manifest = manifest_from_args(args)
     try:
-        results = regenerate(manifest, args.generator, args.ids, out_dir=args.out)
+        results = regenerate(manifest, args.generator, args.ids, out_dir=args.out_dir)
     except RegistryError as exc:
-        print(f"d3builder regenerate: {exc}")
-        return 2
+        raise UsageError(str(exc)) from exc
     for result in results:
         if result.error is not None:
             print(f"{result.id}: FAILED: {result.error}")
@@ -228,11 +229,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "regenerate",
         help="re-render stored records from their provenance and compare the bytes",
         description="Re-render records of gen/{generator}/ from their stored seed, size, prompts, sampler, "
-        "encoding and JPEG quality (rebuilding each image's original batch), write them to --out (files named "
+        "encoding and JPEG quality (rebuilding each image's original batch), write them to --out-dir (files named "
         "by sanitised id) and report whether the bytes equal the stored ones. Exit 1 if any differ.",
     )
     add_manifest_args(parser)
     parser.add_argument("--generator", "-g", required=True, help="registry entry name")
-    parser.add_argument("--out", help="output folder (default: DATA/regenerated/{generator})")
+    parser.add_argument("--out-dir", help="local folder for the regenerated files (default: DATA/regenerated/{generator})")
     parser.add_argument("ids", nargs="+", metavar="ID", help="record ids")
     parser.set_defaults(func=_run)

@@ -39,12 +39,15 @@ import pyarrow.dataset as ds
 from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
-from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
+from d3builder.core.commandline import UsageError
+from d3builder.recipe.cliargs import (
+    add_manifest_args,
+    add_progress_arg,
+    manifest_from_args,
+)
 from d3builder.recipe.manifest import EMBEDDED_SOURCE, SPLITS, Manifest
-from d3builder.storage.layout import DataLayout
+from d3builder.storage.runner import Unit, UnitContext, UnitJob, UnitOutcome, UnitWork
 from d3builder.storage.schema import LAION_COLUMNS, RECORD_FEATURES
-from d3builder.storage.shards import write_shard
-from d3builder.storage.units import read_stats, write_stats
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ LAION_ORDER = list(LAION_COLUMNS)
 ID, URL, TEXT = 0, 1, 2
 
 
-class SelectError(ValueError):
+class SelectError(UsageError, ValueError):
     """The metadata cannot be selected from (the message names the file and the column)."""
 
 
@@ -108,9 +111,8 @@ class SelectStats:
         return payload
 
     @classmethod
-    def from_file(cls, path: Path) -> SelectStats:
-        """Read back a stats file written by a previous run (marked as skipped)."""
-        payload = read_stats(path)
+    def from_payload(cls, payload: dict[str, Any]) -> SelectStats:
+        """Read back the stats of a previous run (marked as skipped)."""
         names = {f for f in cls.__dataclass_fields__ if f not in ("skipped", "extra")}
         known = {k: v for k, v in payload.items() if k in names}
         return cls(**known, skipped=True, extra={k: v for k, v in payload.items() if k not in names})
@@ -163,7 +165,8 @@ def resolve_source(manifest: Manifest, embedded_base_url: str | None) -> str:
             )
         from d3builder.embedded.photos import write_metadata
 
-        folder = manifest.layout.root / "embedded"
+        layout = manifest.layout
+        folder = Path(layout.root) / "embedded" if layout.store.local else layout.store.scratch("embedded")
         write_metadata(folder, embedded_base_url)
         return str(folder)
     return source if "://" in source else str(manifest.resolve(source))
@@ -367,15 +370,6 @@ def record_rows(kept: Sequence[tuple[int, tuple]], shard: int, manifest: Manifes
     return rows
 
 
-def is_selected(layout: DataLayout) -> bool:
-    """`select` is done when its stats file and every record shard it lists exist."""
-    stats = layout.stats(STAGE, 0)
-    if not stats.is_file():
-        return False
-    shards = int(read_stats(stats).get("shards", -1))
-    return shards >= 0 and all(layout.records(k).is_file() for k in range(shards))
-
-
 def _check_template(manifest: Manifest) -> None:
     """Fail early on a positive template with placeholders other than {caption}."""
     try:
@@ -384,79 +378,98 @@ def _check_template(manifest: Manifest) -> None:
         raise SelectError(f"{manifest.path}: prompts.positive_template: only {{caption}} may be used: {exc}") from exc
 
 
+class SelectJob(UnitJob):
+    """select's one unit: every records shard and stats/select/00000.json."""
+
+    stage = STAGE
+
+    def __init__(self, manifest: Manifest, inputs: Sequence[InputFile], progress: bool) -> None:
+        super().__init__(manifest.layout)
+        self.manifest, self.inputs, self.progress = manifest, inputs, progress
+        self.result: SelectStats | None = None
+
+    def cleanup(self, unit: Unit) -> None:
+        self.store.remove_temporaries(self.layout.root / "records")
+
+    def compute(self, ctx: UnitContext) -> UnitWork:
+        manifest, layout, started = self.manifest, self.layout, time.monotonic()
+        ctx.remove(self.stats_path(ctx.unit))  # under --force: the old run is not done while shards are rewritten
+        max_records = manifest.sampling.max_records
+        capacity = None
+        if max_records is not None:
+            capacity = max_records + max(MIN_DEDUPE_HEADROOM, int(max_records * DEDUPE_HEADROOM))
+        passes = 0
+        while True:
+            passes += 1
+            result = scan(self.inputs, manifest, capacity, self.progress)
+            dropped = Counter(result.dropped)
+            kept = deduplicate(result.candidates.in_order(), max_records, dropped)
+            if capacity is None or len(kept) == max_records or not result.candidates.discarded:
+                break
+            log.info(
+                "select: %d duplicates among the %d best candidates; rescanning with room for %d",
+                capacity - len(kept), capacity, capacity * 2,
+            )
+            capacity *= 2
+        dropped["over_max_records"] += result.candidates.discarded
+        size = manifest.shard_size
+        num_shards = -(-len(kept) // size)
+        split_counts: Counter = Counter()
+        for shard in tqdm(range(num_shards), desc="write records", unit="shard", disable=not self.progress):
+            rows = record_rows(kept[shard * size : (shard + 1) * size], shard, manifest)
+            split_counts.update(row["split"] for row in rows)
+            ctx.write_shard(rows, layout.records(shard), RECORD_FEATURES)
+        for stale in layout.record_shards():
+            if stale >= num_shards:
+                ctx.remove(layout.records(stale))
+        self.result = SelectStats(
+            rows_read=result.rows_read,
+            kept=len(kept),
+            dropped={reason: dropped[reason] for reason in REASONS},
+            splits={name: split_counts[name] for name in SPLITS},
+            shards=num_shards,
+            input_files=[source.name for source in self.inputs],
+            source=manifest.metadata.source,
+            release=manifest.metadata.release,
+            duration_s=round(time.monotonic() - started, 3),
+            passes=passes,
+            extra={
+                "manifest": manifest.name,
+                "seed": manifest.seed,
+                "fraction": manifest.sampling.fraction,
+                "max_records": max_records,
+                "shard_size": manifest.shard_size,
+            },
+        )
+        return UnitWork(self.result.to_dict(), records=len(kept), reasons=Counter(self.result.dropped))
+
+
 def select_records(
     manifest: Manifest, embedded_base_url: str | None = None, progress: bool = True, force: bool = False
 ) -> SelectStats:
-    """Run `select` for a manifest (skipped when already done unless `force`); returns its stats."""
-    layout = manifest.layout
-    stats_path = layout.stats(STAGE, 0)
-    if not force and is_selected(layout):
-        return SelectStats.from_file(stats_path)
-    started = time.monotonic()
+    """Run `select` for a manifest (skipped when already done unless `force`); returns its stats.
+
+    Raises SelectError (a UsageError) naming the file and column when the metadata cannot be used."""
+    runner = manifest.runner(progress=False, force=force)
+    unit = Unit(STAGE, 0)
+    done = None if force else runner.read_done(SelectJob(manifest, [], progress), unit)
+    if done is not None:
+        return SelectStats.from_payload(done)
     _check_template(manifest)
-    source = resolve_source(manifest, embedded_base_url)
-    inputs = open_inputs(source)
-    max_records = manifest.sampling.max_records
-    capacity = None
-    if max_records is not None:
-        capacity = max_records + max(MIN_DEDUPE_HEADROOM, int(max_records * DEDUPE_HEADROOM))
-    passes = 0
-    while True:
-        passes += 1
-        result = scan(inputs, manifest, capacity, progress)
-        dropped = Counter(result.dropped)
-        kept = deduplicate(result.candidates.in_order(), max_records, dropped)
-        if capacity is None or len(kept) == max_records or not result.candidates.discarded:
-            break
-        log.info(
-            "select: %d duplicates among the %d best candidates; rescanning with room for %d",
-            capacity - len(kept), capacity, capacity * 2,
-        )
-        capacity *= 2
-    dropped["over_max_records"] += result.candidates.discarded
-    size = manifest.shard_size
-    num_shards = -(-len(kept) // size)
-    split_counts: Counter = Counter()
-    stats_path.unlink(missing_ok=True)
-    for shard in tqdm(range(num_shards), desc="write records", unit="shard", disable=not progress):
-        rows = record_rows(kept[shard * size : (shard + 1) * size], shard, manifest)
-        split_counts.update(row["split"] for row in rows)
-        write_shard(rows, layout.records(shard), RECORD_FEATURES)
-    for stale in layout.record_shards():
-        if stale >= num_shards:
-            layout.records(stale).unlink()
-    stats = SelectStats(
-        rows_read=result.rows_read,
-        kept=len(kept),
-        dropped={reason: dropped[reason] for reason in REASONS},
-        splits={name: split_counts[name] for name in SPLITS},
-        shards=num_shards,
-        input_files=[source.name for source in inputs],
-        source=manifest.metadata.source,
-        release=manifest.metadata.release,
-        duration_s=round(time.monotonic() - started, 3),
-        passes=passes,
-        extra={
-            "manifest": manifest.name,
-            "seed": manifest.seed,
-            "fraction": manifest.sampling.fraction,
-            "max_records": max_records,
-            "shard_size": manifest.shard_size,
-        },
-    )
-    write_stats(stats_path, stats.to_dict())
-    return stats
+    job = SelectJob(manifest, open_inputs(resolve_source(manifest, embedded_base_url)), progress)
+    result = runner.run(job, [unit]).results[0]
+    if job.result is not None:
+        return job.result
+    if result.outcome is UnitOutcome.SKIPPED:  # another process selected meanwhile
+        return SelectStats.from_payload(manifest.layout.store.read_json(job.stats_path(unit)))
+    raise RuntimeError(f"select did not finish: {result.message}")
 
 
 def _run(args: argparse.Namespace) -> int:
     """`d3builder select`."""
     manifest = manifest_from_args(args)
-    try:
-        stats = select_records(manifest, args.embedded_base_url, progress=not args.no_progress, force=args.force)
-    except SelectError as exc:
-        print(f"d3builder select: error: {exc}")
-        return 1
-    records = manifest.layout.root / "records"
+    stats = select_records(manifest, args.embedded_base_url, progress=args.progress, force=args.force)
+    records = manifest.layout.url(manifest.layout.root / "records")
     if stats.skipped:
         print(f"select: already done ({stats.kept} records in {stats.shards} shards under {records}); --force redoes it")
         return 0
@@ -479,5 +492,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_manifest_args(parser)
     parser.add_argument("--embedded-base-url", help="base URL printed by `d3builder serve-embedded` (for metadata.source: embedded)")
     parser.add_argument("--force", action="store_true", help="redo the selection even if it is done")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_arg(parser)
     parser.set_defaults(func=_run)

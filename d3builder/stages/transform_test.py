@@ -9,27 +9,39 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from pathlib import PurePath
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 from PIL import Image
-from tqdm import tqdm
 
+from d3builder.core.commandline import UsageError
 from d3builder.imaging.augmentations import FAMILIES, apply_ops, draw_ops
-from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
+from d3builder.recipe.cliargs import (
+    add_manifest_args,
+    add_unit_args,
+    manifest_from_args,
+    report,
+)
 from d3builder.recipe.manifest import Manifest
 from d3builder.storage.card import split_shards, write_dataset_card
 from d3builder.storage.layout import extension, shard_number
+from d3builder.storage.runner import (
+    BadInput,
+    RunSummary,
+    Unit,
+    UnitContext,
+    UnitJob,
+    UnitWork,
+)
 from d3builder.storage.schema import (
     AUGM_SPLIT,
     SOURCE_SPLIT,
     augm_features,
     generator_slots,
 )
-from d3builder.storage.shards import DEFAULT_ROW_GROUP_SIZE, ShardStream, decode_image
-from d3builder.storage.units import claim, unit_done, write_stats
+from d3builder.storage.shards import DEFAULT_ROW_GROUP_SIZE, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -76,18 +88,6 @@ def _with_extension(path: str | None, fmt: str) -> str | None:
     return None if path is None else f"{path.rsplit('.', 1)[0]}.{extension(fmt)}"
 
 
-@dataclass
-class TransformSummary:
-    """Totals of one `transform-test` run."""
-
-    transformed: list[int] = field(default_factory=list)
-    already_done: list[int] = field(default_factory=list)
-    busy: list[int] = field(default_factory=list)
-    written: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    card: Path | None = None
-
-
 class _Transformer:
     """Augments every image of a row, recording the ops."""
 
@@ -122,91 +122,88 @@ class _Transformer:
         return out
 
 
-def transform_shard(manifest: Manifest, source: Path, row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> str:
-    """Write the augmented copy of one test shard; returns transformed, done or busy."""
-    layout, shard = manifest.layout, shard_number(source)
-    output, stats = layout.d3(AUGM_SPLIT, shard), layout.stats(STAGE, shard)
-    if unit_done(stats, layout.root):
-        return "done"
-    with claim(stats) as ours:
-        if not ours:
-            return "busy"
-        _transform_claimed(manifest, source, shard, output, stats, row_group_size)
-    return "transformed"
+class TransformJob(UnitJob):
+    """transform-test's unit k: d3/test/test-{k} -> d3/test_augm/test_augm-{k}, every image augmented and recorded."""
 
+    stage = STAGE
 
-def _transform_claimed(
-    manifest: Manifest, source: Path, shard: int, output: Path, stats: Path, row_group_size: int
-) -> None:
-    started, config = time.time(), manifest.transform_test
-    slots = generator_slots(pq.read_schema(source).names)
-    transformer = _Transformer(config.seed, config.max_ops, slots)
-    stream = ShardStream(output, augm_features(len(slots)), row_group_size)
-    records, dropped = 0, Counter()
-    try:
-        for batch in pq.ParquetFile(source).iter_batches(batch_size=row_group_size):
-            for row in batch.to_pylist():
-                records += 1
-                try:
-                    stream.write(transformer.row(row))
-                except UndecodableImage as exc:
-                    dropped[f"decode_failed:{exc.column}"] += 1
-                    logger.error("%s: record %r left out of %s: %s", source, row["id"], AUGM_SPLIT, exc)
-        written = stream.commit()
-    except BaseException:
-        stream.abort()
-        raise
-    if written is None:
-        output.unlink(missing_ok=True)
-    write_stats(
-        stats,
-        {
-            "shard": shard,
-            "input": str(source.relative_to(manifest.layout.root)),
+    def __init__(self, manifest: Manifest, row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> None:
+        super().__init__(manifest.layout)
+        self.manifest, self.row_group_size = manifest, row_group_size
+
+    def source(self, unit: Unit) -> PurePath:
+        return self.layout.d3(SOURCE_SPLIT, unit.shard)
+
+    def outputs(self, unit: Unit) -> list[PurePath]:
+        return [self.layout.d3(AUGM_SPLIT, unit.shard)]
+
+    def size(self, unit: Unit) -> int:
+        return self.store.parquet_file(self.source(unit)).metadata.num_rows
+
+    def compute(self, ctx: UnitContext) -> UnitWork:
+        store, source, started, config = self.store, self.source(ctx.unit), time.time(), self.manifest.transform_test
+        output = self.outputs(ctx.unit)[0]
+        try:
+            parquet = store.parquet_file(source)
+        except (OSError, pa.ArrowException) as exc:
+            raise BadInput(f"{store.url(source)}: unreadable test shard: {exc}") from exc
+        slots = generator_slots(parquet.schema_arrow.names)
+        transformer = _Transformer(config.seed, config.max_ops, slots)
+        stream = ctx.stream(output, augm_features(len(slots)), self.row_group_size)
+        records, dropped = 0, Counter()
+        try:
+            for batch in parquet.iter_batches(batch_size=self.row_group_size):
+                for row in batch.to_pylist():
+                    records += 1
+                    try:
+                        stream.write(transformer.row(row))
+                    except UndecodableImage as exc:
+                        dropped[f"decode_failed:{exc.column}"] += 1
+                        logger.error("%s: record %r left out of %s: %s", store.url(source), row["id"], AUGM_SPLIT, exc)
+                ctx.advance(batch.num_rows)
+            written = ctx.commit(stream)
+        except BaseException:
+            stream.abort()
+            raise
+        if written is None:
+            ctx.remove(output)
+        return UnitWork({
+            "shard": ctx.unit.shard,
+            "input": store.relative(source),
             "records": records,
             "written": stream.rows,
             "dropped_by_reason": dict(sorted(dropped.items())),
-            "outputs": {} if written is None else {AUGM_SPLIT: str(written.relative_to(manifest.layout.root))},
+            "outputs": {} if written is None else {AUGM_SPLIT: store.relative(written)},
             "seed": config.seed,
             "max_ops": config.max_ops,
             "jpeg_quality": JPEG_QUALITY,
             "families": sorted(FAMILIES),
             "ops_drawn": dict(sorted(transformer.families.items())),
             "seconds": round(time.time() - started, 3),
-        },
-    )
+        }, records=records, reasons=dropped, counts=Counter({AUGM_SPLIT: stream.rows}))
 
 
-def transform_test(manifest: Manifest, progress: bool = True) -> TransformSummary:
-    """Build d3/test_augm/ from every d3/test/ shard not yet done, then rewrite the dataset card."""
-    d3_dir = manifest.layout.d3_dir()
-    sources = split_shards(d3_dir).get(SOURCE_SPLIT, []) if d3_dir.is_dir() else []
-    if not sources:
-        logger.error("no test shards under %s: run `assemble` first", d3_dir / SOURCE_SPLIT)
-    summary = TransformSummary()
-    for source in tqdm(sources, desc="transform-test", unit="shard", disable=not progress):
-        state = transform_shard(manifest, source)
-        {"transformed": summary.transformed, "done": summary.already_done, "busy": summary.busy}[state].append(
-            shard_number(source)
-        )
-    for stats_path in sorted((manifest.layout.root / "stats" / STAGE).glob("[0-9]*.json")):
-        stats = json.loads(stats_path.read_text())
-        summary.written += stats["written"]
-        summary.dropped.update(stats["dropped_by_reason"])
-    if sources:
-        summary.card = write_dataset_card(manifest, d3_dir)
+def transform_test(manifest: Manifest, shards: Sequence[int] | None = None, progress: bool = True,
+                   wait: bool = True) -> RunSummary:
+    """Build d3/test_augm/ from every d3/test/ shard (or `shards`) not yet done, then rewrite the dataset card.
+
+    Raises UsageError when there is no test shard (run assemble first)."""
+    layout = manifest.layout
+    found = [shard_number(p) for p in split_shards(layout.d3_dir(), layout.store).get(SOURCE_SPLIT, [])]
+    if not found:
+        raise UsageError(f"no test shards under {layout.url(layout.d3_dir() / SOURCE_SPLIT)}: "
+                         "run `d3builder assemble` first")
+    wanted = found if shards is None else sorted(set(shards) & set(found))
+    summary = manifest.runner(progress=progress, wait=wait).run(TransformJob(manifest), [Unit(STAGE, k) for k in wanted])
+    write_dataset_card(manifest)
     return summary
 
 
 def _run(args: argparse.Namespace) -> int:
-    summary = transform_test(manifest_from_args(args))
-    print(f"transformed {len(summary.transformed)} test shard(s), {len(summary.already_done)} already done")
-    print(f"{AUGM_SPLIT}: {summary.written} records")
-    for reason, count in sorted(summary.dropped.items()):
-        print(f"  left out ({reason}): {count}")
-    if summary.busy:
-        print(f"shards being transformed by another process: {summary.busy}")
-    return 0 if summary.card is not None and not summary.busy else 1
+    summary = transform_test(manifest_from_args(args), args.shards, progress=args.progress, wait=args.wait)
+    code = report(summary)
+    print(f"{AUGM_SPLIT}: {summary.counts[AUGM_SPLIT]} records written now")
+    return code
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -218,4 +215,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "re-encode it in its original encoding and record the ops (augm_real, augm_gen{i}). Resumable.",
     )
     add_manifest_args(parser)
+    add_unit_args(parser)
     parser.set_defaults(func=_run)

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import sys
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from datasets import Features
 from tqdm import tqdm
 
+from d3builder.core.commandline import UsageError
+from d3builder.recipe.cliargs import add_progress_arg
 from d3builder.storage.card import card_split_counts, in_split_order
 from d3builder.storage.schema import (
     AUGM_SPLIT,
@@ -26,6 +26,7 @@ from d3builder.storage.schema import (
     generator_slots,
 )
 from d3builder.storage.shards import DEFAULT_ROW_GROUP_SIZE, decode_image
+from d3builder.storage.store import Store, open_store
 
 HELD_OUT = (SOURCE_SPLIT, AUGM_SPLIT)
 """Splits whose records may also appear in each other and in the extended test set (never in train/validation)."""
@@ -129,11 +130,16 @@ def _schema_defects(path: str, schema: pa.Schema, group: str) -> list[Defect]:
     return defects
 
 
-def check_shard(path: str, group: str, batch_size: int = DEFAULT_ROW_GROUP_SIZE) -> ShardCheck:
-    """Check one shard alone: schema, pairing, ids unique, one model per generator column, every image decodes."""
+def check_shard(path: str, group: str, batch_size: int = DEFAULT_ROW_GROUP_SIZE,
+                storage_options: dict[str, Any] | None = None) -> ShardCheck:
+    """Check one shard alone: schema, pairing, ids unique, one model per generator column, every image decodes.
+
+    `path` is a local path or a URL (opened with `storage_options`)."""
     check = ShardCheck(path, group)
+    store = open_store(path, storage_options, writable=False)
     try:
-        schema = pq.read_schema(path)
+        parquet = store.parquet_file(store.root)
+        schema = parquet.schema_arrow
     except (OSError, pa.ArrowException) as exc:
         check.defects.append(Defect(path, f"not a readable Parquet file: {exc}"))
         return check
@@ -147,7 +153,6 @@ def check_shard(path: str, group: str, batch_size: int = DEFAULT_ROW_GROUP_SIZE)
     models: dict[str, set[str]] = {c: set() for c in model_columns}
     seen: set[str] = set()
     try:
-        parquet = pq.ParquetFile(path)
         for batch in parquet.iter_batches(
             batch_size=batch_size, columns=["id", *split_column, *model_columns, *image_columns]
         ):
@@ -201,25 +206,24 @@ def _check_row(
             check.defects.append(Defect(check.path, f"image does not decode: {exc}", record, column))
 
 
-def _group_of(path: Path, d3_dir: Path) -> str:
+def _group_of(path: PurePath, d3_dir: PurePath) -> str:
     match = _SPLIT_PREFIX.match(path.stem)
     return match.group(1) if match else path.parent.name if path.parent != d3_dir else "data"
 
 
-def find_shards(data_dir: Path) -> tuple[Path, dict[str, list[Path]]]:
+def find_shards(store: Store) -> tuple[PurePath, dict[str, list[PurePath]]]:
     """The d3 folder and its shards by group: each split, and `extended/{generator}` beside d3/."""
-    d3_dir = data_dir / "d3" if (data_dir / "d3").is_dir() else data_dir
-    groups: dict[str, list[Path]] = {}
-    for path in sorted(
-        p for p in d3_dir.rglob("*.parquet") if not any(part.startswith(".") for part in p.relative_to(d3_dir).parts)
-    ):
-        groups.setdefault(_group_of(path, d3_dir), []).append(path)
-    extended = data_dir / "extended"
-    if d3_dir != data_dir and extended.is_dir():
-        for folder in sorted(p for p in extended.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            shards = sorted(folder.glob("*.parquet"))
-            if shards:
-                groups[f"extended/{folder.name}"] = shards
+    data_dir = store.root
+    d3_dir = data_dir / "d3" if store.isdir(data_dir / "d3") else data_dir
+    groups: dict[str, list[PurePath]] = {}
+    found = [*store.glob(d3_dir / "*.parquet"), *store.glob(d3_dir / "**" / "*.parquet")]
+    for path in sorted(set(found)):
+        if not any(part.startswith(".") for part in path.relative_to(d3_dir).parts):
+            groups.setdefault(_group_of(path, d3_dir), []).append(path)
+    if d3_dir != data_dir:
+        for path in store.glob(data_dir / "extended" / "*" / "*.parquet"):
+            if not path.parent.name.startswith(".") and not path.name.startswith("."):
+                groups.setdefault(f"extended/{path.parent.name}", []).append(path)
     return d3_dir, in_split_order(groups)
 
 
@@ -277,73 +281,82 @@ def _augm_pairing_defects(checks: list[ShardCheck]) -> list[Defect]:
     return defects
 
 
-def _count_defects(d3_dir: Path, checks: list[ShardCheck]) -> list[Defect]:
+def _count_defects(store: Store, d3_dir: PurePath, checks: list[ShardCheck]) -> list[Defect]:
     """Row counts against the dataset card and the stats files of assemble and transform-test."""
     defects = []
-    rows = {str(Path(c.path).resolve()): c.rows for c in checks}
+
+    def key(location: str) -> str:
+        return str(Path(location).resolve()) if store.local else location
+
+    rows = {key(c.path): c.rows for c in checks}
     per_split: dict[str, int] = {}
     for check in checks:
         per_split[check.group] = per_split.get(check.group, 0) + check.rows
     card = d3_dir / "README.md"
-    if card.is_file():
+    if store.isfile(card):
         try:
-            declared = card_split_counts(card)
+            declared = card_split_counts(card, store)
         except Exception as exc:  # noqa: BLE001 - an unparsable card is a defect
-            return [Defect(str(card), f"dataset card does not parse: {exc}")]
+            return [Defect(store.url(card), f"dataset card does not parse: {exc}")]
         for split in sorted(set(declared) | {g for g in per_split if not g.startswith("extended/")}):
             if declared.get(split) != per_split.get(split):
                 defects.append(
                     Defect(
-                        str(card),
+                        store.url(card),
                         f"split {split!r}: card says {declared.get(split)} records, shards hold {per_split.get(split)}",
                     )
                 )
     root = d3_dir.parent
     covered: set[str] = set()
-    for stage in ("assemble", "transform_test"):
-        for stats_path in sorted((root / "stats" / stage).glob("[0-9]*.json")):
-            stats = json.loads(stats_path.read_text())
-            written = stats.get("written", {})
-            written = written if isinstance(written, dict) else dict.fromkeys(stats.get("outputs", {}), written)
-            for split, relative in stats.get("outputs", {}).items():
-                target = str((root / relative).resolve())
-                covered.add(target)
-                if target not in rows:
-                    defects.append(Defect(str(root / relative), f"shard missing, though {stats_path} names it"))
-                elif rows[target] != written.get(split):
-                    defects.append(
-                        Defect(
-                            str(root / relative),
-                            f"{stats_path} says {written.get(split)} records, the shard holds {rows[target]}",
-                        )
+    assembled = store.glob(root / "stats" / "assemble" / "[0-9]*.json")
+    for stats_path in [*assembled, *store.glob(root / "stats" / "transform_test" / "[0-9]*.json")]:
+        stats = store.read_json(stats_path)
+        written = stats.get("written", {})
+        written = written if isinstance(written, dict) else dict.fromkeys(stats.get("outputs", {}), written)
+        for split, relative in stats.get("outputs", {}).items():
+            target = key(store.url(root / relative))
+            covered.add(target)
+            if target not in rows:
+                defects.append(Defect(store.url(root / relative),
+                                      f"shard missing, though {store.url(stats_path)} names it"))
+            elif rows[target] != written.get(split):
+                defects.append(
+                    Defect(
+                        store.url(root / relative),
+                        f"{store.url(stats_path)} says {written.get(split)} records, the shard holds {rows[target]}",
                     )
-    if (root / "stats" / "assemble").is_dir():
+                )
+    if assembled:
         for check in checks:
             if (
                 check.group not in ("data",)
                 and not check.group.startswith("extended/")
-                and str(Path(check.path).resolve()) not in covered
+                and key(check.path) not in covered
             ):
                 defects.append(Defect(check.path, "no stats file names this shard (unit unfinished?)"))
     return defects
 
 
-def validate_dataset(data_dir: str | Path, workers: int = 1, progress: bool = True) -> ValidationReport:
-    """Validate a dataset folder (d3/, or the output root holding d3/ and optionally extended/)."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
+def validate_dataset(data_dir: str | Path, workers: int = 1, progress: bool = True,
+                     storage_options: dict[str, Any] | None = None) -> ValidationReport:
+    """Validate a dataset folder or URL (d3/, or the output root holding d3/ and optionally extended/)."""
+    store = open_store(data_dir, storage_options, writable=False)
+    if not store.isdir(store.root):
         raise FileNotFoundError(f"{data_dir}: no such dataset folder")
-    d3_dir, groups = find_shards(data_dir)
-    report = ValidationReport(data_dir)
-    jobs = [(str(path), group) for group, paths in groups.items() for path in paths]
+    d3_dir, groups = find_shards(store)
+    report = ValidationReport(data_dir if not store.local else Path(data_dir))
+    jobs = [(store.url(path), group) for group, paths in groups.items() for path in paths]
     if not jobs:
-        report.defects.append(Defect(str(d3_dir), "no Parquet shards found"))
+        report.defects.append(Defect(store.url(d3_dir), "no Parquet shards found"))
         return report
-    checks = list(
-        tqdm(_run_checks(jobs, workers), total=len(jobs), desc="validate", unit="shard", disable=not progress)
-    )
+    with tqdm(desc=f"validate ({len(jobs)} shards)", unit="record", disable=not progress) as bar:
+        checks = []
+        for check in _run_checks(jobs, workers, store.storage_options):
+            checks.append(check)
+            bar.update(check.rows)
     report.defects = [d for c in checks for d in c.defects]
-    report.defects += _cross_shard_defects(checks) + _augm_pairing_defects(checks) + _count_defects(d3_dir, checks)
+    report.defects += (_cross_shard_defects(checks) + _augm_pairing_defects(checks)
+                       + _count_defects(store, d3_dir, checks))
     group_of = {c.path: c.group for c in checks}
     for check in checks:
         summary = report.groups.setdefault(check.group, GroupSummary())
@@ -356,12 +369,14 @@ def validate_dataset(data_dir: str | Path, workers: int = 1, progress: bool = Tr
     return report
 
 
-def _run_checks(jobs: list[tuple[str, str]], workers: int) -> Iterable[ShardCheck]:
+def _run_checks(jobs: list[tuple[str, str]], workers: int,
+                storage_options: dict[str, Any] | None) -> Iterable[ShardCheck]:
     if workers <= 1:
-        return (check_shard(path, group) for path, group in jobs)
+        return (check_shard(path, group, storage_options=storage_options) for path, group in jobs)
     executor = ProcessPoolExecutor(max_workers=workers)
     paths, groups = zip(*jobs, strict=True)
-    return _closing(executor, executor.map(check_shard, paths, groups))
+    sizes = [DEFAULT_ROW_GROUP_SIZE] * len(paths)
+    return _closing(executor, executor.map(check_shard, paths, groups, sizes, [storage_options] * len(paths)))
 
 
 def _closing(executor: ProcessPoolExecutor, results: Iterable[ShardCheck]) -> Iterable[ShardCheck]:
@@ -371,10 +386,9 @@ def _closing(executor: ProcessPoolExecutor, results: Iterable[ShardCheck]) -> It
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        report = validate_dataset(args.data, workers=args.workers)
+        report = validate_dataset(args.data, workers=args.workers, progress=args.progress)
     except FileNotFoundError as exc:
-        print(f"d3builder validate: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from exc
     print(report.table())
     for defect in report.defects:
         print(f"DEFECT {defect}")
@@ -390,6 +404,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Check every shard of a dataset folder (d3/, or the output root holding d3/ and extended/); "
         "prints a summary table and each defect (file, record, column); exits 1 on any defect.",
     )
-    parser.add_argument("data", help="the d3/ folder, or the output root that holds it")
+    parser.add_argument("data", help="the d3/ folder, or the output root that holds it (a local path or a "
+                        "storage URL; credentials from the environment)")
     parser.add_argument("--workers", type=int, default=1, help="processes checking shards in parallel")
+    add_progress_arg(parser)
     parser.set_defaults(func=_run)

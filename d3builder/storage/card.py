@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from importlib import metadata
-from pathlib import Path
+from pathlib import PurePath
 from typing import Any
 
-import pyarrow.parquet as pq
 from datasets import DatasetInfo, Features, SplitDict, SplitInfo
 from datasets.info import DatasetInfosDict
 from datasets.utils.metadata import MetadataConfigs
@@ -16,21 +14,23 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from d3builder.recipe.manifest import Manifest
 from d3builder.storage.layout import shard_number
-from d3builder.storage.shards import atomic_write_bytes, read_features
+from d3builder.storage.shards import LOCAL, read_features
+from d3builder.storage.store import Store
 
 SPLIT_ORDER = ("train", "validation", "test", "test_augm")
 SOFTWARE = ("d3code", "torch", "diffusers", "transformers", "datasets", "pyarrow", "pillow")
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
 
 
-def split_shards(d3_dir: Path) -> dict[str, list[Path]]:
+def split_shards(d3_dir: PurePath, store: Store | None = None) -> dict[str, list[PurePath]]:
     """The shards of each split folder, `{split}/{split}-{k}.parquet`, in split then shard order."""
-    found = {}
-    for folder in sorted(p for p in d3_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        shards = sorted(folder.glob(f"{folder.name}-[0-9]*.parquet"), key=shard_number)
-        if shards:
-            found[folder.name] = shards
-    return in_split_order(found)
+    store = store or LOCAL
+    found: dict[str, list[PurePath]] = {}
+    for path in store.glob(d3_dir / "*" / "*-[0-9]*.parquet"):
+        split = path.parent.name
+        if not split.startswith(".") and path.name.startswith(f"{split}-"):
+            found.setdefault(split, []).append(path)
+    return in_split_order({split: sorted(shards, key=shard_number) for split, shards in found.items()})
 
 
 def in_split_order(groups: dict[str, Any]) -> dict[str, Any]:
@@ -39,28 +39,28 @@ def in_split_order(groups: dict[str, Any]) -> dict[str, Any]:
     return dict(sorted(groups.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
 
 
-def _features(path: Path) -> Features:
-    features = read_features(path)
+def _features(store: Store, path: PurePath) -> Features:
+    features = read_features(path, store)
     if features is None:
-        raise ValueError(f"{path}: no `datasets` features in the Parquet metadata (not written by d3builder?)")
+        raise ValueError(f"{store.url(path)}: no `datasets` features in the Parquet metadata (not written by d3builder?)")
     return features
 
 
-def _split_info(split: str, shards: list[Path]) -> SplitInfo:
+def _split_info(store: Store, split: str, shards: list[PurePath]) -> SplitInfo:
     rows = num_bytes = 0
     for path in shards:
-        meta = pq.ParquetFile(path).metadata
+        meta = store.parquet_file(path).metadata
         rows += meta.num_rows
         num_bytes += sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
     return SplitInfo(name=split, num_bytes=num_bytes, num_examples=rows)
 
 
-def _configs(splits: dict[str, list[Path]]) -> dict[str, list[str]]:
+def _configs(store: Store, splits: dict[str, list[PurePath]]) -> dict[str, list[str]]:
     """Splits grouped by schema: the group holding `train` (or the first) is `default`, others named by split."""
     groups: dict[str, list[str]] = {}
     schemas: dict[str, Features] = {}
     for split, shards in splits.items():
-        features = _features(shards[0])
+        features = _features(store, shards[0])
         name = next((n for n, f in schemas.items() if f == features), None)
         if name is None:
             name = "default" if not groups else split
@@ -70,9 +70,8 @@ def _configs(splits: dict[str, list[Path]]) -> dict[str, list[str]]:
     return groups
 
 
-def _stats(root: Path, stage: str) -> list[dict[str, Any]]:
-    folder = root / "stats" / stage
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("[0-9]*.json"))] if folder.is_dir() else []
+def _stats(store: Store, stage: str) -> list[dict[str, Any]]:
+    return [store.read_json(p) for p in store.glob(store.root / "stats" / stage / "[0-9]*.json")]
 
 
 def _versions() -> dict[str, str]:
@@ -85,13 +84,13 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _encodings(shards: list[Path]) -> dict[str, Counter]:
+def _encodings(store: Store, shards: list[PurePath]) -> dict[str, Counter]:
     """Counts of each encoding in the real column and in the generated columns of a split."""
     counts = {"real": Counter(), "generated": Counter()}
     for path in shards:
-        names = pq.read_schema(path).names
+        names = store.read_schema(path).names
         columns = [c for c in names if c == "encoding_real" or c.startswith("encoding_gen")]
-        table = pq.read_table(path, columns=columns)
+        table = store.read_table(path, columns=columns)
         for column in columns:
             side = "real" if column == "encoding_real" else "generated"
             counts[side].update(str(v) for v in table.column(column).to_pylist())
@@ -132,11 +131,11 @@ def _generation_software(assemble_stats: list[dict[str, Any]]) -> list[str]:
 
 
 def _body(
-    manifest: Manifest, splits: dict[str, list[Path]], infos: dict[str, SplitInfo], configs: dict[str, list[str]]
+    manifest: Manifest, store: Store, splits: dict[str, list[PurePath]], infos: dict[str, SplitInfo],
+    configs: dict[str, list[str]],
 ) -> str:
-    root = manifest.layout.root
     n = len(manifest.generators)
-    assemble_stats, augm_stats = _stats(root, "assemble"), _stats(root, "transform_test")
+    assemble_stats, augm_stats = _stats(store, "assemble"), _stats(store, "transform_test")
     split_rows = [[s, len(splits[s]), infos[s].num_examples, infos[s].num_examples * (n + 1)] for s in splits]
     reasons: Counter = Counter()
     for stats in assemble_stats:
@@ -145,7 +144,7 @@ def _body(
     selected = sum(s.get("records", 0) for s in assemble_stats)
     encoding_rows = []
     for split, shards in splits.items():
-        for side, counts in _encodings(shards).items():
+        for side, counts in _encodings(store, shards).items():
             encoding_rows.append([split, side, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"])
     other_configs = [name for name in configs if name != "default"]
     augm = augm_stats[0] if augm_stats else {}
@@ -208,13 +207,17 @@ def _body(
     return "\n\n".join(sections) + "\n"
 
 
-def write_dataset_card(manifest: Manifest, d3_dir: Path | None = None) -> Path:
-    """Write d3/README.md: YAML front matter (dataset_info, configs, license) and a body of counts and provenance."""
-    d3_dir = Path(d3_dir) if d3_dir is not None else manifest.layout.d3_dir()
-    d3_dir.mkdir(parents=True, exist_ok=True)
-    splits = split_shards(d3_dir)
-    infos = {split: _split_info(split, shards) for split, shards in splits.items()}
-    configs = _configs(splits)
+def write_dataset_card(manifest: Manifest) -> PurePath | None:
+    """Write d3/README.md: YAML front matter (dataset_info, configs, license) and a body of counts and provenance.
+
+    Returns its path, or None (nothing written) when d3/ holds no shard yet."""
+    layout = manifest.layout
+    store, d3_dir = layout.store, layout.d3_dir()
+    splits = split_shards(d3_dir, store)
+    if not splits:
+        return None
+    infos = {split: _split_info(store, split, shards) for split, shards in splits.items()}
+    configs = _configs(store, splits)
     total = sum(info.num_examples for split, info in infos.items() if split in configs.get("default", ()))
     card_data = DatasetCardData(
         license="other",
@@ -226,21 +229,22 @@ def write_dataset_card(manifest: Manifest, d3_dir: Path | None = None) -> Path:
     dataset_infos, metadata_configs = {}, {}
     for name, members in configs.items():
         dataset_infos[name] = DatasetInfo(
-            features=_features(splits[members[0]][0]),
+            features=_features(store, splits[members[0]][0]),
             splits=SplitDict({s: infos[s] for s in members}),
-            download_size=sum(p.stat().st_size for s in members for p in splits[s]),
+            download_size=sum(store.size(p) for s in members for p in splits[s]),
             dataset_size=sum(infos[s].num_bytes for s in members),
         )
         metadata_configs[name] = {"data_files": [{"split": s, "path": f"{s}/{s}-*.parquet"} for s in members]}
     DatasetInfosDict(dataset_infos).to_dataset_card_data(card_data)
     MetadataConfigs(metadata_configs).to_dataset_card_data(card_data)
-    card = DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n{_body(manifest, splits, infos, configs)}")
-    return atomic_write_bytes(d3_dir / "README.md", str(card).encode())
+    card = DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n{_body(manifest, store, splits, infos, configs)}")
+    return store.write_bytes(d3_dir / "README.md", str(card).encode())
 
 
-def card_split_counts(card_path: Path) -> dict[str, int]:
+def card_split_counts(card_path: PurePath, store: Store | None = None) -> dict[str, int]:
     """num_examples of every split declared in a card's `dataset_info` (every config)."""
-    info = DatasetCard.load(card_path).data.to_dict().get("dataset_info") or []
+    text = (store or LOCAL).read_bytes(card_path).decode("utf-8")
+    info = DatasetCard(text).data.to_dict().get("dataset_info") or []
     counts = {}
     for config in [info] if isinstance(info, dict) else info:
         for split in config.get("splits") or []:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import bisect
 from functools import lru_cache
-from pathlib import Path
+from pathlib import PurePath
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from d3builder.storage.layout import extension, safe_name
 from d3builder.storage.schema import SPLITS
+from d3builder.storage.shards import LOCAL
+from d3builder.storage.store import Store
 
 REAL_META = ["id", "status", "width", "height", "encoding", "sha256"]
 GEN_META = [
@@ -25,20 +26,21 @@ PROVENANCE = ("model", "model_revision", "pipeline", "scheduler", "dtype", "safe
 class InputError(Exception):
     """An input shard that cannot be read; the message names the file."""
 
-    def __init__(self, path: Path, cause: Exception) -> None:
+    def __init__(self, path: PurePath | str, cause: Exception) -> None:
         super().__init__(f"{path}: unreadable input shard: {cause}")
 
 
 class ShardSource:
     """One input shard opened for lookup by id: metadata in memory, images read a row group at a time."""
 
-    def __init__(self, path: Path, meta_columns: list[str]) -> None:
-        self.path = path
+    def __init__(self, path: PurePath, meta_columns: list[str], store: Store | None = None) -> None:
+        store = store or LOCAL
+        self.path = store.url(path)
         try:
-            self.file = pq.ParquetFile(path)
+            self.file = store.parquet_file(path)
             self.meta = self.file.read(columns=meta_columns).to_pylist()
         except (OSError, pa.ArrowException, KeyError) as exc:
-            raise InputError(path, exc) from exc
+            raise InputError(self.path, exc) from exc
         sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
         self.starts = [sum(sizes[:g]) for g in range(len(sizes))]
         self.index: dict[str, int] = {}
@@ -148,9 +150,11 @@ def provenance_summary(gens: dict[str, ShardSource]) -> dict[str, dict[str, list
     return out
 
 
-def read_records(path: Path) -> list[dict]:
+def read_records(path: PurePath, store: Store | None = None) -> list[dict]:
+    """The record columns a paired row needs, from a records shard (InputError naming it when unreadable)."""
+    store = store or LOCAL
     columns = ["id", "original_prompt", "positive_prompt", "negative_prompt", "url", "split"]
     try:
-        return pq.read_table(path, columns=columns).to_pylist()
+        return store.read_table(path, columns=columns).to_pylist()
     except (OSError, pa.ArrowException, KeyError) as exc:
-        raise InputError(path, exc) from exc
+        raise InputError(store.url(path), exc) from exc

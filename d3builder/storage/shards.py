@@ -1,50 +1,35 @@
-"""Parquet shard I/O: atomic writes with `datasets` features in the metadata, streaming reads, validation."""
+"""Parquet shard I/O: atomic writes with `datasets` features in the metadata, streaming reads, validation.
+
+Writes go through a `Store` (`d3builder.storage.store`): local by default, any output root's store when given.
+"""
 
 from __future__ import annotations
 
 import io
 import json
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Features, Image
 from PIL import Image as PILImage
 
+from d3builder.storage.store import (  # noqa: F401 - re-exported: codetrain writes its run files with these
+    AtomicFile,
+    Store,
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+    open_store,
+)
+
 DEFAULT_ROW_GROUP_SIZE = 64
 """Rows per Parquet row group: small, because every row carries several images."""
 
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry (after a rename) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write bytes to a temporary sibling, fsync, and rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    """Write a JSON document atomically."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+LOCAL = open_store(".")
+"""The store of plain local paths (the default of every function here)."""
 
 
 def image_cell(data: bytes | None, path: str | None = None) -> dict | None:
@@ -64,31 +49,31 @@ def to_table(rows: Sequence[dict], features: Features) -> pa.Table:
 
 def write_shard(
     rows_or_table: Sequence[dict] | pa.Table,
-    path: str | Path,
+    path: PurePath | str,
     features: Features,
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
-) -> Path:
-    """Write one Parquet shard atomically (temp name, fsync, rename), features in the schema metadata."""
+    store: Store | None = None,
+    guard: Callable[[], None] | None = None,
+) -> PurePath:
+    """Write one Parquet shard atomically (see Store.atomic_file), features in the schema metadata.
+
+    `guard` runs just before the file becomes visible (a lease check: it raises to abandon the write)."""
     table = rows_or_table if isinstance(rows_or_table, pa.Table) else to_table(rows_or_table, features)
     table = table.select(list(features)).cast(features.arrow_schema)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    store = store or LOCAL
+    path = Path(path) if store.local else path
+    target = store.atomic_file(path)
     try:
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, row_group_size=row_group_size, compression="zstd")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-    return path
+        pq.write_table(table, target.file, row_group_size=row_group_size, compression="zstd")
+    except BaseException:
+        target.discard()
+        raise
+    return target.commit(guard)
 
 
-def read_features(path: str | Path) -> Features | None:
+def read_features(path: str | PurePath, store: Store | None = None) -> Features | None:
     """The `datasets` features stored in a shard's schema metadata, if any."""
-    metadata = pq.read_schema(path).metadata or {}
+    metadata = (store or LOCAL).read_schema(path).metadata or {}
     raw = metadata.get(b"huggingface")
     if raw is None:
         return None
@@ -171,13 +156,16 @@ def validate_shard(path: str | Path, expected: Features | None = None, decode_im
 
 
 class ShardStream:
-    """Write one shard row group by row group to a hidden temporary sibling; `commit` renames it into place."""
+    """Write one shard row group by row group to an atomic file of `store`; `commit` makes it visible."""
 
-    def __init__(self, path: Path, features: Features, row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> None:
-        self.path, self.features, self.row_group_size = path, features, row_group_size
-        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    def __init__(self, path: PurePath, features: Features, row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+                 store: Store | None = None, guard: Callable[[], None] | None = None) -> None:
+        self.store = store or LOCAL
+        self.path = Path(path) if self.store.local else path
+        self.features, self.row_group_size, self.guard = features, row_group_size, guard
         self.rows = 0
         self._buffer: list[dict] = []
+        self._target: AtomicFile | None = None
         self._writer: pq.ParquetWriter | None = None
 
     def write(self, row: dict) -> None:
@@ -190,26 +178,22 @@ class ShardStream:
         if not self._buffer:
             return
         if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.tmp, self.features.arrow_schema, compression="zstd")
+            self._target = self.store.atomic_file(self.path)
+            self._writer = pq.ParquetWriter(self._target.file, self.features.arrow_schema, compression="zstd")
         self._writer.write_table(to_table(self._buffer, self.features), row_group_size=self.row_group_size)
         self.rows += len(self._buffer)
         self._buffer = []
 
-    def commit(self) -> Path | None:
-        """Flush, fsync and rename into place; returns the path, or None when no row was written."""
+    def commit(self) -> PurePath | None:
+        """Flush and commit (the guard runs first); returns the path, or None when no row was written."""
         self._flush()
         if self._writer is None:
             return None
         self._writer.close()
-        with open(self.tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
-        return self.path
+        return self._target.commit(self.guard)
 
     def abort(self) -> None:
-        """Drop the temporary file."""
+        """Drop what was written."""
         if self._writer is not None:
             self._writer.close()
-        self.tmp.unlink(missing_ok=True)
+            self._target.discard()
