@@ -16,6 +16,7 @@ from d3builder.generators.registry import RegistryError
 from d3builder.generators.runtime import seed_for
 from d3builder.recipe.manifest import Manifest
 from d3builder.stages.extend import extend
+from d3builder.storage.runner import UnitOutcome
 from d3builder.storage.schema import d3_features
 
 
@@ -28,9 +29,10 @@ def records(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Manif
 def test_extend_writes_loadable_one_slot_test_shards(records: Manifest, tmp_path: Path) -> None:
     """sd15-tiny (from extended.yaml) renders only test records; shards load with `datasets`, images decode."""
     layout = records.layout
-    summary = extend(records, progress=False)
-    assert summary.complete and summary.generate["sd15-tiny"].images == 2  # 1003 and 1007: the test records
-    assert summary.written["sd15-tiny"] == 1 and summary.reasons["sd15-tiny"] == {"real_failed": 1}
+    render, join = extend(records, progress=False)
+    assert (render.group, join.group) == ("sd15-tiny", "sd15-tiny")
+    assert render.complete and join.complete and render.counts["success"] == 2  # 1003 and 1007: the test records
+    assert join.counts["test"] == 1 and join.reasons == {"real_failed": 1}
     assert [layout.gen("sd15-tiny", k).is_file() for k in (0, 1, 2)] == [True, True, True]
     assert pq.read_metadata(layout.gen("sd15-tiny", 0)).num_rows == 0  # no test record in shard 0
     assert [layout.extended("sd15-tiny", k).is_file() for k in (0, 1, 2)] == [False, True, False]
@@ -45,9 +47,9 @@ def test_extend_writes_loadable_one_slot_test_shards(records: Manifest, tmp_path
     assert row["model_gen0"] == "tiny://sd14" and row["encoding_gen0"] == row["image_gen0"].format
     stats = json.loads(layout.stats("extend", 2, "sd15-tiny").read_text())
     assert stats["dropped_by_reason"] == {"real_failed": 1} and stats["outputs"] == {}
-    again = extend(records, progress=False)
-    assert again.joined["sd15-tiny"] == [] and again.already_done["sd15-tiny"] == [0, 1, 2]
-    assert again.generate["sd15-tiny"].already_done == [0, 1, 2]
+    render_again, join_again = extend(records, progress=False)
+    assert join_again.shards(UnitOutcome.DONE) == [] and join_again.shards(UnitOutcome.SKIPPED) == [0, 1, 2]
+    assert render_again.shards(UnitOutcome.SKIPPED) == [0, 1, 2]
 
 
 def test_a_new_generator_is_one_yaml_entry(records: Manifest, tmp_path: Path) -> None:
@@ -55,7 +57,7 @@ def test_a_new_generator_is_one_yaml_entry(records: Manifest, tmp_path: Path) ->
     extra = tmp_path / "more.yaml"
     extra.write_text("generators:\n  my-sd-tiny:\n    pipeline: StableDiffusionPipeline\n    model: tiny://sd21\n"
                      "    dtype: float32\n    steps: 1\n    guidance: 3.0\n    sizes: [[48, 48]]\n")
-    argv = ["extend", "-m", str(records.path), "--generators", str(extra), "--only", "my-sd-tiny"]
+    argv = ["extend", "-m", str(records.path), "--registry", str(extra), "--only", "my-sd-tiny"]
     assert cli.main(argv) == 0
     shard = pq.read_table(records.layout.extended("my-sd-tiny", 1)).to_pylist()
     assert [(r["id"], r["generator_gen0"], r["width_gen0"], r["num_inference_steps_gen0"]) for r in shard] == [
@@ -67,5 +69,5 @@ def test_unknown_extended_generator_fails_before_work(records: Manifest, capsys:
     with pytest.raises(RegistryError, match="'nope' is not in the registry"):
         extend(records, MANIFESTS / "extended.yaml", ["sd15-tiny", "nope"], progress=False)
     assert cli.main(["extend", "-m", str(records.path), "--only", "nope"]) == 2
-    assert "not in the registry" in capsys.readouterr().out
+    assert "not in the registry" in capsys.readouterr().err
     assert not (records.layout.root / "gen" / "nope").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -32,9 +33,16 @@ from d3builder.cli import COMMAND_MODULES
 from d3builder.embedded.server import serve_folder
 from d3builder.recipe.manifest import FetchConfig, Manifest, MetadataSource
 from d3builder.stages.fetch_real import STAGE, add_parser, fetch_real, inspect_image
+from d3builder.storage.lease import acquire
+from d3builder.storage.runner import UnitOutcome
 from d3builder.storage.schema import REAL_FEATURES, RECORD_FEATURES
 from d3builder.storage.shards import read_features, validate_shard, write_shard
-from d3builder.storage.units import read_stats
+
+DONE, SKIPPED, BUSY = UnitOutcome.DONE, UnitOutcome.SKIPPED, UnitOutcome.BUSY
+
+
+def read_stats(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = {  # file name -> the PIL format it must be recorded as
@@ -157,7 +165,7 @@ def test_good_images_are_stored_byte_identical(served, fetched):
     assert Image.open(folder / "deep16.png").mode == "I;16" and Image.open(folder / "cmyk.jpg").mode == "CMYK"
     assert Image.open(folder / "palette.png").mode == "P"
     _, summary, rows = fetched
-    assert summary.fetched == [0] and summary.ok, summary.describe()
+    assert summary.shards(DONE) == [0] and summary.complete, summary.describe()
     for name, encoding in GOOD.items():
         row, sent = rows[f"good-{name}"], (folder / name).read_bytes()
         assert row["status"] == "success", (name, row["error_message"])
@@ -173,7 +181,7 @@ def test_bad_images_fail_with_their_reason(fetched):
         assert row["status"] == "failed" and row["image"] is None, record_id
         assert reason in row["error_message"], (record_id, row["error_message"])
     assert rows["bomb"]["width"] is None and rows["html"]["num_bytes"] > 0
-    assert (summary.successes, summary.failures) == (len(GOOD), len(BAD))
+    assert (summary.counts["fetched"], summary.counts["not_fetched"]) == (len(GOOD), len(BAD))
 
 
 def test_shard_is_complete_readable_and_has_stats(fetched, tmp_path):
@@ -201,24 +209,24 @@ def test_rerun_skips_a_done_shard(fetched):
     manifest, _, _ = fetched
     before = manifest.layout.real(0).stat().st_mtime_ns
     summary = fetch_real(manifest, progress=False)
-    assert summary.skipped == [0] and not summary.fetched and manifest.layout.real(0).stat().st_mtime_ns == before
+    assert summary.shards(SKIPPED) == [0] and not summary.shards(DONE)
+    assert manifest.layout.real(0).stat().st_mtime_ns == before
 
 
 def test_shard_claimed_by_a_live_process_is_left_alone(tmp_path):
     manifest = make_manifest(tmp_path)
     layout = manifest.layout
     write_shard([record_row("a", "http://127.0.0.1:9/a.jpg", 0)], layout.records(0), RECORD_FEATURES)
-    lock = layout.real(0).with_name(f".{layout.real(0).name}.lock")
-    lock.parent.mkdir(parents=True)
-    lock.write_text(f'{{"host": "{socket.gethostname()}", "pid": {os.getpid()}, "time": {time.time()}}}')
-    summary = fetch_real(manifest, progress=False)
-    assert summary.busy == [0] and not layout.real(0).exists() and lock.exists()
+    lease = acquire(layout.store, layout.leases(STAGE, "00000"), STAGE, "00000", 60.0)  # this live process holds it
+    summary = fetch_real(manifest, progress=False, wait=False)
+    assert summary.shards(BUSY) == [0] and not layout.real(0).exists() and lease.path.exists()
+    assert str(lease.path) in summary.describe() and summary.exit_code == 3
 
 
 def test_missing_records_shard_is_reported_and_others_go_on(fetched):
     manifest, _, _ = fetched
     summary = fetch_real(manifest, shards=[0, 7], progress=False)
-    assert summary.skipped == [0] and list(summary.errors) == [7] and "00007.parquet" in summary.errors[7]
+    assert summary.shards(SKIPPED) == [0] and list(summary.problems) == [7] and "00007.parquet" in summary.problems[7]
 
 
 def test_retry_failed_recovers_a_file_served_later(served, fetched, tmp_path):
@@ -228,7 +236,7 @@ def test_retry_failed_recovers_a_file_served_later(served, fetched, tmp_path):
     copy = make_manifest(tmp_path / "data")
     shutil.copyfile(folder / "photo.png", folder / "late.jpg")
     summary = fetch_real(copy, retry_failed=True, progress=False)
-    assert summary.retried == [0] and summary.ok, summary.describe()
+    assert summary.shards(UnitOutcome.RETRIED) == [0] and summary.complete, summary.describe()
     after = rows_by_id(copy.layout.real(0))
     assert (
         after["late"]["status"] == "success" and after["late"]["image"]["bytes"] == (folder / "late.jpg").read_bytes()
@@ -321,7 +329,7 @@ def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(served, tmp_pat
         summary = fetch_real(
             make_manifest(layout.root, threads=2, processes=2), progress=False
         )  # 2 img2dataset shards each
-    assert summary.ok and sorted(summary.fetched + summary.skipped) == list(range(shards)), summary.describe()
+    assert summary.complete and summary.shards(DONE, SKIPPED) == list(range(shards)), summary.describe()
     for shard in range(shards):  # every record exactly once, in records order
         assert pq.read_table(layout.real(shard), columns=["id"])["id"].to_pylist() == ids[shard]
     assert all(

@@ -36,9 +36,11 @@ from d3builder.generators.runtime import seed_for, size_for
 from d3builder.generators.tiny import build_tiny
 from d3builder.recipe.manifest import Manifest
 from d3builder.stages.regenerate import file_stem, regenerate
+from d3builder.storage.runner import UnitOutcome
 from d3builder.storage.schema import GEN_FEATURES
 from d3builder.storage.shards import read_features, validate_shard, write_shard
 
+DONE, SKIPPED = UnitOutcome.DONE, UnitOutcome.SKIPPED
 TWIN_FORMATS = {"if-tiny": "PNG", "sd14-tiny": "JPEG", "sd21-tiny": "GIF", "sdxl-tiny": "TIFF"}
 """Each D3 twin renders with a mix forcing one format, so every format is checked on real output."""
 JPEG_RANGE = [60, 90]
@@ -75,7 +77,7 @@ def test_each_twin_generates_decodable_images_in_the_forced_format(
     """One row per record, success, the record's seed and size, bytes of the forced format, provenance set."""
     layout, entry = records.layout, load_registries(MANIFESTS / "generators.yaml")[name]
     summary = generated[name]
-    assert (summary.generated, summary.images, summary.failed) == ([0], 3, 0)
+    assert (summary.shards(DONE), summary.counts["success"], summary.failed) == ([0], 3, 0)
     path = layout.gen(name, 0)
     assert read_features(path) == GEN_FEATURES and validate_shard(path, GEN_FEATURES).ok
     rows = _rows(path)
@@ -124,7 +126,7 @@ def test_done_shards_are_skipped(records: Manifest, generated: dict) -> None:
     path = records.layout.gen("sd14-tiny", 0)
     stamp = path.stat().st_mtime_ns
     summary = generate_shards(records, "sd14-tiny", shards=[0], progress=False)
-    assert (summary.generated, summary.already_done, summary.images) == ([], [0], 0)
+    assert (summary.shards(DONE), summary.shards(SKIPPED), summary.counts["success"]) == ([], [0], 0)
     assert path.stat().st_mtime_ns == stamp
 
 
@@ -155,7 +157,7 @@ def test_regenerate_reproduces_stored_bytes(records: Manifest, generated: dict, 
             assert result.path == out / name / f"{result.id}.{'jpg' if name == 'sd14-tiny' else 'gif'}"
             assert result.path.read_bytes() == stored[result.id]
         assert results[2].error and "not found" in results[2].error and not results[2].match
-    assert cli.main(["regenerate", "-m", str(records.path), "-g", "sd14-tiny", "--out", str(out / "cli"), "1001"]) == 0
+    assert cli.main(["regenerate", "-m", str(records.path), "-g", "sd14-tiny", "--out-dir", str(out / "cli"), "1001"]) == 0
     assert (out / "cli" / "1001.jpg").read_bytes() == {r["id"]: r["image"]["bytes"] for r in
                                                        _rows(records.layout.gen("sd14-tiny", 0))}["1001"]
 
@@ -189,7 +191,7 @@ def test_nan_output_is_recorded_and_the_run_goes_on(records: Manifest, tmp_path:
     base = load_registries(MANIFESTS / "generators.yaml")["sd14-tiny"]
     entry = dataclasses.replace(base, name="sd14-nan", model=str(tmp_path / "sd14-nan"))
     summary = generate_shards(records, "sd14-nan", registry={"sd14-nan": entry}, shards=[2], progress=False)
-    assert (summary.generated, summary.images, summary.failed) == ([2], 0, 2)
+    assert (summary.shards(DONE), summary.counts["success"], summary.failed) == ([2], 0, 2)
     assert summary.reasons == Counter({"nan_output": 2})
     rows = _rows(records.layout.gen("sd14-nan", 2))
     assert [(r["status"], r["error_message"], r["image"]) for r in rows] == [("failed", "nan_output", None)] * 2
@@ -214,7 +216,7 @@ def test_bad_registry_entry_fails_before_any_work(records: Manifest, tmp_path: P
         generate_shards(records, "sd99", progress=False)
     assert not (tmp_path / "data").exists() and not (records.layout.root / "gen" / "sd99").exists()
     code = cli.main(["generate", "-m", str(records.path), "-g", "sd99", "--output-root", str(tmp_path / "d2")])
-    assert code == 2 and "not in the registry" in capsys.readouterr().out and not (tmp_path / "d2").exists()
+    assert code == 2 and "not in the registry" in capsys.readouterr().err and not (tmp_path / "d2").exists()
 
 
 def test_plan_batches_groups_by_size_in_order() -> None:

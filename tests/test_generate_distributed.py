@@ -33,7 +33,7 @@ def _check_complete(manifest: Manifest) -> None:
         assert sorted(gen) == sorted(_ids(layout.records(shard))) and len(set(gen)) == len(gen)
         stats = json.loads(layout.stats("generate", shard, GENERATOR).read_text())
         assert stats["success"] == len(gen) and stats["failed"] == 0
-    # A claim lock may survive a kill (harmless: its process is gone); a temporary shard may not.
+    # A temporary shard never survives: the next owner of the unit removes what the killed one left.
     assert [p.name for p in (layout.root / "gen" / GENERATOR).iterdir() if ".tmp-" in p.name] == []
 
 
@@ -81,6 +81,6 @@ def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tmp_path: Path,
     first_done = json.loads(first_stats.read_text())["finished_at"]
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, env=env)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert f"generated {len(unfinished)} shard(s), {3 - len(unfinished)} already done" in rerun.stdout
+    assert f"{len(unfinished)} unit(s) done, {3 - len(unfinished)} already done" in rerun.stdout
     assert json.loads(first_stats.read_text())["finished_at"] == first_done  # shard 0 was not redone
     _check_complete(manifest)
