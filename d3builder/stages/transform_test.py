@@ -137,6 +137,9 @@ class TransformJob(UnitJob):
     def outputs(self, unit: Unit) -> list[PurePath]:
         return [self.layout.d3(AUGM_SPLIT, unit.shard)]
 
+    def input_stats(self, unit: Unit) -> list[PurePath]:
+        return [self.layout.stats("assemble", unit.shard)]
+
     def size(self, unit: Unit) -> int:
         return self.store.parquet_file(self.source(unit)).metadata.num_rows
 

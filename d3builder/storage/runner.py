@@ -3,7 +3,8 @@
 A stage describes its units with a `UnitJob` (where a unit's stats and outputs are, how to compute it) and
 hands them to `UnitRunner.run`. For each unit the runner:
 
-1. skips it when done: its stats file (the done marker) exists and names outputs that all exist;
+1. skips it when done: its stats file (the done marker) exists, names outputs that all exist, and the units
+   it read from (`job.input_stats`) were not redone since (a `--retry-failed` upstream redoes it);
 2. takes its lease (`d3builder.storage.lease`), or reports it BUSY when a live owner holds it;
 3. checks "done" again (another owner may have finished it meanwhile), removes what a killed writer left;
 4. calls `job.compute(ctx)` under a heartbeat; the job writes its outputs through `ctx` (each commit is
@@ -307,6 +308,11 @@ class UnitJob:
         """Items the unit processes (for the progress bar total); 0 when unknown."""
         return 0
 
+    def input_stats(self, unit: Unit) -> list[PurePath]:
+        """Stats files of the units this one reads: when one of them is rewritten (e.g. by --retry-failed)
+        after this unit ran, this unit is no longer done and runs again."""
+        return []
+
     def done(self, unit: Unit, stats: dict[str, Any]) -> bool:
         """Whether a unit whose stats file and outputs exist is done for this run (e.g. covers its splits)."""
         return True
@@ -358,7 +364,17 @@ class UnitRunner:
         outputs = [self.layout.root / relative for relative in stats.get("committed", [])]
         if not all(self.store.isfile(p) for p in outputs) or not job.done(unit, stats):
             return None
+        recorded = stats.get("inputs_finished_at", {})
+        if any(self._finished_at(self.layout.root / relative) not in (None, when) for relative, when in recorded.items()):
+            return None  # an input was redone since this unit ran
         return stats
+
+    def _finished_at(self, stats_path: PurePath) -> float | None:
+        """When the unit whose stats file this is finished (None when it is not done)."""
+        try:
+            return self.store.read_json(stats_path).get("finished_at")
+        except (FileNotFoundError, ValueError):
+            return None
 
     def _wanted(self, job: UnitJob, stats: dict[str, Any] | None) -> bool:
         """Whether a unit in this state has work for this run."""
@@ -423,6 +439,7 @@ class UnitRunner:
             self.store.remove_temporaries(path)
         ctx = UnitContext(self, unit, lease, bar)
         outcome = UnitOutcome.DONE if stats is None else UnitOutcome.RETRIED
+        inputs = {self.store.relative(p): self._finished_at(p) for p in job.input_stats(unit)}
         try:
             job.cleanup(unit)
             work = job.compute(ctx) if stats is None else job.retry(ctx, stats)
@@ -430,7 +447,8 @@ class UnitRunner:
             previous = stats.get("committed", []) if stats is not None else []
             committed = sorted({*previous, *(self.store.relative(p) for p in ctx.committed)})
             payload = {**work.stats, "stage": unit.stage, "unit": unit.key, "started_at": started,
-                       "finished_at": finished, "lease": lease_payload(lease), "committed": committed}
+                       "finished_at": finished, "lease": lease_payload(lease), "committed": committed,
+                       "inputs_finished_at": {k: v for k, v in inputs.items() if v is not None}}
             lease.ensure()
             self.store.write_json(job.stats_path(unit), payload)
         except LeaseLost as exc:
