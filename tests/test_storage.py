@@ -19,7 +19,6 @@ from stagekit import GENERATORS, make_stage_inputs
 from d3builder import cli
 from d3builder.recipe.manifest import load_manifest
 from d3builder.stages.assemble import assemble_dataset
-from d3builder.stages.validate import validate_dataset
 from d3builder.storage.layout import DataLayout
 from d3builder.storage.runner import UnitOutcome
 from d3builder.storage.schema import d3_features
@@ -131,7 +130,7 @@ def test_memory_and_file_roots_run_a_stage(tmp_path: Path) -> None:
     assert not (tmp_path / "memory:").exists() and (tmp_path / "viafile" / "d3" / "README.md").is_file()
 
 
-def test_atomic_write_json_takes_paths_and_urls(tmp_path: Path, s3_bucket: str) -> None:
+def test_atomic_write_json_takes_paths_and_urls(tmp_path: Path, s3_bucket: str) -> None:  # noqa: F811
     """The helper codetrain writes its run files with: a local path or a URL, atomically."""
     assert atomic_write_json(tmp_path / "run" / "config.json", {"a": 1}) == tmp_path / "run" / "config.json"
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"a": 1}
@@ -140,7 +139,7 @@ def test_atomic_write_json_takes_paths_and_urls(tmp_path: Path, s3_bucket: str) 
     assert json.loads(open_store(url).read_bytes(PurePosixPath(url.removeprefix("s3://")))) == {"step": 3}
 
 
-def test_s3_root_assembles_validates_and_loads_with_datasets(tmp_path: Path, s3_bucket: str, s3_server: str,
+def test_s3_root_assembles_validates_and_loads_with_datasets(tmp_path: Path, s3_bucket: str, s3_server: str,  # noqa: F811
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Stage inputs uploaded to S3; assemble and validate there; `datasets` reads the shards; no local `s3:`."""
     inputs = make_stage_inputs(tmp_path / "local", 8, 4)
@@ -160,7 +159,7 @@ def test_s3_root_assembles_validates_and_loads_with_datasets(tmp_path: Path, s3_
 
 
 @pytest.mark.slow
-def test_quickstart_stages_on_s3(tmp_path: Path, s3_bucket: str, s3_server: str) -> None:
+def test_quickstart_stages_on_s3(tmp_path: Path, s3_bucket: str, s3_server: str) -> None:  # noqa: F811
     """select, fetch-real (img2dataset over loopback), generate with one tiny generator, assemble and validate,
     each a `d3builder` command with `--output-root s3://...`; `datasets` reads the result from S3."""
     recipe = (REPO / "manifests" / "tiny.yaml").read_text()
