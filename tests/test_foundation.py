@@ -16,14 +16,14 @@ from d3builder.core.yamlconfig import ConfigError
 from d3builder.recipe.manifest import load_manifest
 from d3builder.storage import schema
 from d3builder.storage.layout import DataLayout, safe_name
+from d3builder.storage.lease import LeaseRecord, acquire
+from d3builder.storage.runner import shards_for_process
 from d3builder.storage.shards import (
     image_cell,
     read_features,
     validate_shard,
     write_shard,
 )
-from d3builder.storage.lease import LeaseRecord, acquire
-from d3builder.storage.runner import shards_for_process
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 
