@@ -1,15 +1,19 @@
-"""Arguments shared by the d3builder subcommands: one spelling and one meaning per flag."""
+"""Arguments shared by the d3builder subcommands: one spelling and one meaning per flag.
+
+Generator modules (diffusers, torch) are imported only by the commands that render, so that the others
+(select, assemble, status, ...) start fast."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from d3builder.core.commandline import shard_list
-from d3builder.generators.registry import DTYPES
-from d3builder.generators.render import SpeedOptions
 from d3builder.recipe.manifest import Manifest, load_manifest
 from d3builder.storage.runner import ExitCode, RunSummary, UnitRunner
+
+if TYPE_CHECKING:
+    from d3builder.generators.render import SpeedOptions
 
 
 def add_manifest_args(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +60,8 @@ def report(*summaries: RunSummary) -> int:
 
 def add_speed_args(parser: argparse.ArgumentParser) -> None:
     """Batch size and the speed switches (documented defaults)."""
+    from d3builder.generators.registry import DTYPES
+
     parser.add_argument("--batch-size", type=int, help="images per pipeline call (default: the manifest's generate.batch_size)")
     parser.add_argument("--dtype", choices=DTYPES, help="override every stage's dtype (default: the registry entry's)")
     parser.add_argument("--no-sdpa", dest="sdpa", action="store_false",
@@ -68,5 +74,7 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
 
 def speed_from_args(args: argparse.Namespace) -> SpeedOptions:
     """SpeedOptions from the parsed flags."""
+    from d3builder.generators.render import SpeedOptions
+
     return SpeedOptions(dtype=args.dtype, sdpa=args.sdpa, compile=args.compile, channels_last=args.channels_last,
                         vae_slicing=args.vae_slicing, vae_tiling=args.vae_tiling)
