@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "generate": (["--threads", "1"], ["--threads", "1", "--records", "16", "--repeats", "1"]),
     "dataloader": ([], ["--records", "96"]),
     "train_step": ([], ["--steps", "2"]),
+    "storage": (["--repeats", "2"], []),
     "generate_gpu": ([], ["--steps", "5", "--batches", "1", "--naive-images", "1"]),
 }
 """Benchmark script -> (default arguments, --quick arguments)."""
