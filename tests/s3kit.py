@@ -1,57 +1,63 @@
-"""A real S3-compatible server on 127.0.0.1 for the tests (moto's server: real HTTP, real S3 API, s3fs as client).
-
-    from s3kit import s3_server, s3_bucket  # noqa: F401 - fixtures
-
-    def test_x(s3_bucket: str) -> None:      # "s3://<fresh bucket>", AWS_* variables pointing at the server
-        open_store(f"{s3_bucket}/d3")
-
-The server runs for the whole session; each test gets a fresh bucket and the standard environment
-variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), which s3fs,
-botocore and child processes (workers started by a test) all read. `S3_OPTIONS` are the equivalent
-`storage_options` for code that takes them explicitly (datasets.load_dataset, a manifest's block).
-"""
+"""A real local S3-compatible server for tests: moto's ThreadedMotoServer on 127.0.0.1 (a free port), s3fs as the client."""
 
 from __future__ import annotations
 
-import logging
-import os
-import uuid
+import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import pytest
+import boto3
+import s3fs
+from moto.server import ThreadedMotoServer
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+REGION = "us-east-1"
+KEY = SECRET = "testing"
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    """Start moto's S3 server on a free loopback port; yields its endpoint URL."""
-    from moto.server import ThreadedMotoServer
+@dataclass(frozen=True)
+class S3Server:
+    """A running local S3 server: its endpoint, the options and environment that reach it, and a client."""
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    endpoint: str
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec/s3fs options for this server (what a config's `storage_options:` holds)."""
+        return {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": self.endpoint, "region_name": REGION}}
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The standard AWS environment variables pointing at this server."""
+        return {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": self.endpoint,
+                "AWS_DEFAULT_REGION": REGION}
+
+    def filesystem(self) -> s3fs.S3FileSystem:
+        """An s3fs client (listings not cached)."""
+        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **self.storage_options)
+
+    def bucket(self, name: str) -> str:
+        """Create a bucket; returns its URL `s3://name`."""
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id=KEY,
+                              aws_secret_access_key=SECRET)
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def upload(self, folder: Path, url: str) -> None:
+        """Copy a local folder's files to `url` (s3://bucket/prefix)."""
+        fs = self.filesystem()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            fs.pipe_file(f"{url}/{path.relative_to(folder).as_posix()}", path.read_bytes())
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[S3Server]:
+    """Start moto's S3 server on 127.0.0.1 (port 0: any free port) and stop it afterwards."""
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     try:
-        yield f"http://{host}:{port}"
+        yield S3Server(f"http://{host}:{port}")
     finally:
         server.stop()
-
-
-def s3_options(endpoint: str) -> dict:
-    """storage_options for s3fs talking to `endpoint` (what the environment variables say, spelled out)."""
-    return {"key": CREDENTIALS["AWS_ACCESS_KEY_ID"], "secret": CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-            "client_kwargs": {"endpoint_url": endpoint}}
-
-
-@pytest.fixture
-def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket on the server, with the AWS_* environment pointing at it; returns `s3://bucket`."""
-    import s3fs
-
-    for name, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_server}.items():
-        monkeypatch.setenv(name, value)
-    bucket = f"test-{uuid.uuid4().hex[:12]}"
-    s3fs.S3FileSystem(**s3_options(s3_server)).mkdir(bucket)
-    assert os.environ["AWS_ENDPOINT_URL"] == s3_server
-    return f"s3://{bucket}"

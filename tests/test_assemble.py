@@ -138,7 +138,7 @@ def test_resume_skips_done_units_redoes_unfinished_ones_and_respects_claims(tmp_
         assert path.read_bytes() == data
         assert (path.stat().st_mtime_ns == mtime) == ("-00001" not in path.name)
     layout.stats("assemble", 2).unlink()
-    lease = acquire(layout.store, layout.leases("assemble", "00002"), "assemble", "00002", 60.0)  # a live owner
+    lease = acquire(layout.store, layout.leases("assemble", "00002"), "assemble", "00002", 3600.0)  # a live owner
     assert assemble_dataset(inputs.manifest, [2], progress=False, wait=False).shards(BUSY) == [2]
     lease.release(finished=False)
     assert not [p for p in layout.root.rglob(".*tmp*")]

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from genkit import make_records, one_thread, save_manifest, tiny_cache  # noqa: F401 - fixtures
-from s3kit import s3_bucket, s3_options, s3_server  # noqa: F401 - fixtures
+from s3fixtures import s3, s3_bucket  # noqa: F401 - fixtures
 
 from d3builder.recipe.manifest import Manifest
 from d3builder.storage.layout import DataLayout
@@ -77,7 +77,7 @@ def run_with_chaos(manifest: Manifest, root: str, seed: int) -> int:
 def objects(root: str) -> dict[str, bytes]:
     """Every file under a local root or an S3 prefix, by relative path."""
     if root.startswith("s3://"):
-        fs = s3fs.S3FileSystem()
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
         prefix = root.removeprefix("s3://")
         return {key[len(prefix) + 1:]: fs.cat_file(key) for key in fs.find(prefix)}
     return {str(p.relative_to(root)): p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
@@ -121,11 +121,9 @@ def test_workers_killed_at_random_still_build_the_dataset_exactly_once(
         backend: str, tmp_path: Path, undisturbed: dict[str, bytes], request: pytest.FixtureRequest) -> None:
     manifest = recipe(tmp_path / "data")
     if backend == "s3":
-        bucket = request.getfixturevalue("s3_bucket")
-        root = f"{bucket}/chaos"
-        fs = s3fs.S3FileSystem(**s3_options(request.getfixturevalue("s3_server")))
+        root = f"{request.getfixturevalue('s3_bucket')}/chaos"
         for folder in ("records", "real"):
-            fs.put(str(tmp_path / "data" / folder) + "/", f"{root.removeprefix('s3://')}/{folder}", recursive=True)
+            request.getfixturevalue("s3").upload(tmp_path / "data" / folder, f"{root}/{folder}")
     else:
         root = str(tmp_path / "data")
     kills = run_with_chaos(manifest, root, seed=7 if backend == "local" else 11)

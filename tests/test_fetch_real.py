@@ -217,7 +217,7 @@ def test_shard_claimed_by_a_live_process_is_left_alone(tmp_path):
     manifest = make_manifest(tmp_path)
     layout = manifest.layout
     write_shard([record_row("a", "http://127.0.0.1:9/a.jpg", 0)], layout.records(0), RECORD_FEATURES)
-    lease = acquire(layout.store, layout.leases(STAGE, "00000"), STAGE, "00000", 60.0)  # this live process holds it
+    lease = acquire(layout.store, layout.leases(STAGE, "00000"), STAGE, "00000", 3600.0)  # this live process holds it
     summary = fetch_real(manifest, progress=False, wait=False)
     assert summary.shards(BUSY) == [0] and not layout.real(0).exists() and lease.path.exists()
     assert str(lease.path) in summary.describe() and summary.exit_code == 3

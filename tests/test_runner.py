@@ -59,7 +59,7 @@ def test_two_processes_sharing_a_stage_both_exit_0(tmp_path: Path) -> None:
 def test_units_left_busy_exit_3_naming_the_lease(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     inputs = make_stage_inputs(tmp_path / "data", 4, 2)
     layout = inputs.layout
-    lease = acquire(layout.store, layout.leases("assemble", "00001"), "assemble", "00001", 60.0)
+    lease = acquire(layout.store, layout.leases("assemble", "00001"), "assemble", "00001", 3600.0)
     assert cli.main(["assemble", "-m", str(inputs.manifest.path), "--no-wait", "--no-progress"]) == 3
     out = capsys.readouterr().out
     assert "1 unit(s) done, 0 already done, 1 busy" in out and "exit 3: units left busy by other live owners" in out

@@ -11,9 +11,8 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.parquet as pq
 import pytest
-import s3fs
 from datasets import load_dataset
-from s3kit import s3_bucket, s3_options, s3_server  # noqa: F401 - fixtures
+from s3fixtures import s3, s3_bucket  # noqa: F401 - fixtures
 from stagekit import GENERATORS, make_stage_inputs
 
 from d3builder import cli
@@ -139,27 +138,27 @@ def test_atomic_write_json_takes_paths_and_urls(tmp_path: Path, s3_bucket: str) 
     assert json.loads(open_store(url).read_bytes(PurePosixPath(url.removeprefix("s3://")))) == {"step": 3}
 
 
-def test_s3_root_assembles_validates_and_loads_with_datasets(tmp_path: Path, s3_bucket: str, s3_server: str,  # noqa: F811
+def test_s3_root_assembles_validates_and_loads_with_datasets(tmp_path: Path, s3_bucket: str, s3,  # noqa: F811
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Stage inputs uploaded to S3; assemble and validate there; `datasets` reads the shards; no local `s3:`."""
     inputs = make_stage_inputs(tmp_path / "local", 8, 4)
     root = f"{s3_bucket}/d3run"
-    fs = s3fs.S3FileSystem(**s3_options(s3_server))
-    fs.put(str(inputs.layout.root) + "/", root.removeprefix("s3://"), recursive=True)
+    s3.upload(Path(inputs.layout.root), root)
+    fs = s3.filesystem()
     monkeypatch.chdir(tmp_path)
     assert cli.main(["assemble", "-m", str(inputs.manifest.path), "--output-root", root, "--no-progress"]) == 0
     assert cli.main(["validate", root, "--no-progress"]) == 0
     layout = DataLayout(root)
     assert layout.store.isfile(layout.d3_dir() / "README.md")
     train = load_dataset("parquet", data_files=f"{root}/d3/train/*.parquet", split="train",
-                         storage_options=s3_options(s3_server), cache_dir=str(tmp_path / "hf"))
+                         storage_options=s3.storage_options, cache_dir=str(tmp_path / "hf"))
     assert train.features == d3_features(len(GENERATORS)) and train["id"] == inputs.complete_ids("train")
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith("s3:")]
     assert not [k for k in fs.find(root.removeprefix("s3://")) if ".tmp" in k]
 
 
 @pytest.mark.slow
-def test_quickstart_stages_on_s3(tmp_path: Path, s3_bucket: str, s3_server: str) -> None:  # noqa: F811
+def test_quickstart_stages_on_s3(tmp_path: Path, s3_bucket: str, s3) -> None:  # noqa: F811
     """select, fetch-real (img2dataset over loopback), generate with one tiny generator, assemble and validate,
     each a `d3builder` command with `--output-root s3://...`; `datasets` reads the result from S3."""
     recipe = (REPO / "manifests" / "tiny.yaml").read_text()
@@ -184,11 +183,10 @@ def test_quickstart_stages_on_s3(tmp_path: Path, s3_bucket: str, s3_server: str)
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "OK: no defect" in done.stdout
-    fs = s3fs.S3FileSystem(**s3_options(s3_server))
-    keys = fs.find(root.removeprefix("s3://"))
+    keys = s3.filesystem().find(root.removeprefix("s3://"))
     assert any(k.endswith("real/00000.parquet") for k in keys) and any("gen/sd14-tiny/" in k for k in keys)
     data = load_dataset("parquet", data_files={s: f"{root}/d3/{s}/*.parquet" for s in ("train", "test")},
-                        storage_options=s3_options(s3_server), cache_dir=str(tmp_path / "hf"))
+                        storage_options=s3.storage_options, cache_dir=str(tmp_path / "hf"))
     assert data["train"].num_rows > 0 and data["train"][0]["image_real"].size[0] > 0
     assert data["train"][0]["generator_gen0"] == "sd14-tiny"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "tiny-s3.yaml"]  # nothing local named after the URL

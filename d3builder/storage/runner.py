@@ -14,9 +14,14 @@ hands them to `UnitRunner.run`. For each unit the runner:
 
 A worker is then just "run the units of a stage until none is left":
 
-    runner = UnitRunner(layout, lease_seconds=300)
+    runner = UnitRunner(layout, lease_seconds=300)     # or manifest.runner(): the manifest's lease settings
     summary = runner.run(job, units)      # units busy elsewhere are waited for (wait=False: left as BUSY)
     sys.exit(summary.exit_code)
+
+and `runner.pending(job, units)` says which units still have work (for a launcher deciding how many
+workers to start). Every stage module exposes its job (`FetchJob`, `GenerateJob`, `AssembleJob`, ...) and
+a function that builds its units and runs them (`fetch_real`, `generate_shards`, `assemble_dataset`, ...),
+which is also what its command calls.
 
 Units that other live owners hold are revisited until they are done or their lease expires (then taken
 over), so any number of processes on any number of nodes can share a stage: each exits 0 once the stage
@@ -376,6 +381,10 @@ class UnitRunner:
         except (FileNotFoundError, ValueError):
             return None
 
+    def pending(self, job: UnitJob, units: Sequence[Unit]) -> list[Unit]:
+        """The units that still have work for this runner (not done; or, with retry_failed, with failed records)."""
+        return [u for u in units if self._wanted(job, self.read_done(job, u))]
+
     def _wanted(self, job: UnitJob, stats: dict[str, Any] | None) -> bool:
         """Whether a unit in this state has work for this run."""
         return self.force or stats is None or (self.retry_failed and job.retryable(stats))
@@ -383,13 +392,9 @@ class UnitRunner:
     def run(self, job: UnitJob, units: Sequence[Unit], group: str | None = None) -> RunSummary:
         """Run every unit (see the module docstring); `group` labels the summary (e.g. the generator)."""
         started = time.time()
-        results: dict[Unit, UnitResult] = {}
-        todo = []
-        for unit in units:
-            if self._wanted(job, self.read_done(job, unit)):
-                todo.append(unit)
-            else:
-                results[unit] = UnitResult(unit, UnitOutcome.SKIPPED)
+        todo = self.pending(job, units)
+        waiting = set(todo)
+        results = {u: UnitResult(u, UnitOutcome.SKIPPED) for u in units if u not in waiting}
         total = sum(job.size(u) for u in todo)
         with tqdm(total=total or None, desc=f"{job.stage} {group}" if group else job.stage, unit=job.item, disable=not self.progress,
                   dynamic_ncols=True) as bar:
@@ -415,7 +420,11 @@ class UnitRunner:
         if not self._wanted(job, stats):
             return UnitResult(unit, UnitOutcome.SKIPPED, "done by another owner")
         folder = self.layout.leases(unit.stage, unit.key)
-        lease = acquire(self.store, folder, unit.stage, unit.key, self.lease_seconds)
+        try:
+            lease = acquire(self.store, folder, unit.stage, unit.key, self.lease_seconds)
+        except OSError as exc:  # the store did not answer: the unit stays pending for this or another worker
+            log.error("%s: could not take its lease: %s", unit.label, exc)
+            return UnitResult(unit, UnitOutcome.FAILED, f"could not take its lease: {type(exc).__name__}: {exc}")
         if isinstance(lease, LeaseRecord):
             return UnitResult(unit, UnitOutcome.BUSY, lease.describe())
         finished = False
