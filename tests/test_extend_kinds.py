@@ -26,6 +26,7 @@ from codetrain.model import create_embedder, save_weights
 from d3builder import cli
 from d3builder.generators.encoding import draw_encoding, encode_image
 from d3builder.generators.examples.tiny_gan import generate as tiny_gan
+from d3builder.generators.registry import load_registries
 from d3builder.generators.runtime import seed_for, size_for
 from d3builder.recipe.manifest import Manifest
 from d3builder.stages.extend import ExtendSummary, extend, list_generators
@@ -132,6 +133,10 @@ def registry(tmp_path_factory: pytest.TempPathFactory, api: FakeImageApi, folder
         "fake-api-capped": http("/v1/capped", max_requests=4),
         "collab": {"kind": "folder", "folder": folder_entry["folder"], "index": folder_entry["index"],
                    "provenance": {"model": "collab/stylegan", "model_revision": "v1", "watermark": False}},
+        # Entries that load but cannot run here.
+        "missing-pkg": {"kind": "python", "callable": "no_such_package.generators:render", "sizes": [[8, 8]]},
+        "bad-signature": {"kind": "python", "callable": "kindkit:wrong_signature", "sizes": [[8, 8]]},
+        "gone-folder": {"kind": "folder", "folder": "./no-such-folder"},
     }
     path = tmp_path_factory.mktemp("registry") / "kinds.yaml"
     path.write_text(yaml.safe_dump({"generators": generators}, sort_keys=False))
@@ -317,3 +322,60 @@ def test_extended_evaluation_gains_a_row_per_added_generator(data: Manifest, run
     header = next(line for line in report.splitlines() if line.startswith("| detector | classifier | real | c"))
     assert all(name in header for name in NAMES)
     assert (result.out_dir / "acc_extended.png").is_file()
+
+
+def test_list_shows_each_generator_kind_and_whether_it_runs_here(data: Manifest, registry: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """`extend --list`: every registered generator (the manifest's registries and --generators) with its kind,
+    what it runs and whether it can run here: weights, API key, importable callable, folder."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    assert cli.main(["extend", "-m", str(data.path), "--generators", str(registry), "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "KIND", "RUNS", "HERE", "WHY"]
+    table = {line.split()[0]: line.split(maxsplit=4) for line in lines[1:]}
+    assert {"sd14", "sd14-tiny", "deepfloyd-if", *NAMES, "missing-pkg", "gone-folder"} <= set(table)
+    expected = {
+        "tiny-gan": ("python", "d3builder.generators.examples.tiny_gan:generate", "yes", "callable importable"),
+        "fake-api": ("http", registry_endpoint(registry, "fake-api"), "no",
+                     f"'auth.env': environment variable {KEY_ENV} is not set"),
+        "collab": ("folder", folder_of(registry, "collab"), "yes", "images present"),
+        "sd14-tiny": ("diffusers", "tiny://sd14", "yes", "tiny twin, built offline"),
+        "sd14": ("diffusers", "CompVis/stable-diffusion-v1-4", "no", "weights not in the local Hugging Face cache"),
+        "missing-pkg": ("python", "no_such_package.generators:render", "no",
+                        "'callable': module 'no_such_package.generators' cannot be imported here"),
+        "gone-folder": ("folder", folder_of(registry, "gone-folder"), "no", "'folder': "),
+    }
+    for name, (kind, runs_what, here, why) in expected.items():
+        assert table[name][1:4] == [kind, runs_what, here] and table[name][4].startswith(why), table[name]
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    rows = {r["name"]: r for r in list_generators(load_registries(registry))}
+    assert (rows["fake-api"]["here"], rows["fake-api"]["why"]) == ("yes", f"API key in ${KEY_ENV}")
+    assert SECRET not in json.dumps(rows)
+
+
+def registry_endpoint(registry: Path, name: str) -> str:
+    return yaml.safe_load(registry.read_text())["generators"][name]["endpoint"]
+
+
+def folder_of(registry: Path, name: str) -> str:
+    return str((registry.parent / yaml.safe_load(registry.read_text())["generators"][name]["folder"]).resolve())
+
+
+@pytest.mark.parametrize(("name", "key", "problem"), [
+    ("missing-pkg", "callable", "module 'no_such_package.generators' cannot be imported here"),
+    ("bad-signature", "callable", "must take (prompts, negative_prompts, sizes, seeds)"),
+    ("fake-api", "auth.env", f"environment variable {KEY_ENV} is not set"),
+    ("gone-folder", "folder", "is not a folder"),
+])
+def test_an_entry_that_cannot_run_fails_before_any_work(data: Manifest, registry: Path, runs: dict, name: str,
+                                                        key: str, problem: str, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """One line naming the file, the entry and the key, exit code 2, and every file already written unchanged."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    before = _snapshot(data.layout.root)
+    code = cli.main(["extend", "-m", str(data.path), "--generators", str(registry), "--only", "sd14-tiny", name])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 2 and len(out) == 1, out
+    assert out[0].startswith(f"d3builder extend: {registry}: entry '{name}': key '{key}': ") and problem in out[0]
+    assert _snapshot(data.layout.root) == before and not (data.layout.root / "gen" / "sd14-tiny").exists()
