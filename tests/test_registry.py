@@ -297,3 +297,16 @@ def test_entries_of_every_kind_load_with_their_defaults(tmp_path: Path) -> None:
     assert isinstance(collab, FolderEntry) and collab.folder == str((tmp_path / "made-elsewhere").resolve())
     assert collab.index == str((tmp_path / "ids.csv").resolve()) and collab.provenance == {"seed": 3}
     assert {e.kind for e in reg.values()} == {"python", "http", "folder"}
+
+
+def test_readme_entries_of_every_kind_load(tmp_path: Path) -> None:
+    """The copy-paste entries of the README's "Adding a generator" section are valid registry files."""
+    readme = (MANIFESTS.parent / "README.md").read_text()
+    section = readme.split("## Adding a generator", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    kinds = []
+    for index, block in enumerate(blocks):
+        path = tmp_path / f"block{index}.yaml"
+        path.write_text(block)
+        kinds += [entry.kind for entry in load_registry(path).values()]
+    assert kinds == ["diffusers", "python", "http", "folder"]
