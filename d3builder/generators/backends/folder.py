@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import requests
 
 from d3builder.generators.backends.base import Columns, Job, failed, ready_encoded
-from d3builder.generators.backends.fetch import FetchError, Limits, fetch
+from d3builder.generators.backends.transport import FetchError, Limits, fetch
 from d3builder.generators.checker import RegistryError
 from d3builder.generators.kinds import (
     PROVENANCE_TYPES,

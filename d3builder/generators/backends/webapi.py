@@ -23,7 +23,7 @@ from typing import Any
 import requests
 
 from d3builder.generators.backends.base import Columns, Job, failed, ready_encoded
-from d3builder.generators.backends.fetch import (
+from d3builder.generators.backends.transport import (
     FetchError,
     Limits,
     check_url,
