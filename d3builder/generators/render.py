@@ -3,12 +3,14 @@
 Each process takes its share of the records shards (round robin by process index) and claims each
 unit with a lock file, so several nodes on one filesystem never render the same shard. Per shard:
 records are grouped by output size (drawn per record with `size_for`) and cut into batches of
-`batch_size`; every image is seeded from `seed_for(record id, generator, manifest seed)`; each image
-is encoded in a format drawn from the manifest's encoding mix. Rows are written in batch order to a
-hidden temporary file and renamed into place at the end, then the stats file marks the unit done, so
-an interrupted shard is redone from scratch, never half kept. Because batches are a pure function
-of the stored rows (their order, sizes and the recorded batch size), `regenerate` can rebuild any
-image's exact batch.
+`batch_size`, which the generator's backend renders (one backend per registry kind: a diffusers
+pipeline, a Python function, an HTTP API, a folder of images); every image is seeded from
+`seed_for(record id, generator, manifest seed)`; each rendered image is encoded in a format drawn from
+the manifest's encoding mix, while images encoded elsewhere (an API's, a folder's) are kept as they
+are. Rows are written in batch order to a hidden temporary file and renamed into place at the end,
+then the stats file marks the unit done, so an interrupted shard is redone from scratch, never half
+kept. Because batches are a pure function of the stored rows (their order, sizes and the recorded
+batch size), `regenerate` can rebuild any image's exact batch.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ class GenerateSummary:
 
 
 class ShardGenerator:
-    """Renders records shards of one generator; the pipeline is loaded on the first shard that needs it."""
+    """Renders records shards of one generator; its backend is loaded on the first shard that needs it."""
 
     def __init__(self, manifest: Manifest, entry: Entry, *, device: str | torch.device,
                  batch_size: int, speed: SpeedOptions, splits: Sequence[str] | None = None,
