@@ -20,6 +20,7 @@ from genkit import make_records, one_thread, tiny_cache  # noqa: F401 - fixtures
 from kindkit import JPEG_OF_1019, encoded
 from PIL import Image
 from shardkit import make_d3_shards
+from test_fetch_real import png_claiming
 
 from codetrain.evaluate import evaluate
 from codetrain.model import create_embedder, save_weights
@@ -92,7 +93,7 @@ def folder_entry(tmp_path_factory: pytest.TempPathFactory, api: FakeImageApi) ->
     images.mkdir()
     files = {"1003.png": encoded(3, (40, 30), "PNG"), "1007.jpg": encoded(7, (64, 48), "JPEG", quality=77),
              "1011.webp": encoded(11, (32, 32), "WEBP"), "1015.gif": encoded(15, (30, 20), "GIF"),
-             "1023.png": b"\x89PNG\r\n\x1a\n truncated", "1027.png": encoded(27, (8, 8), "PNG"),
+             "1023.png": png_claiming(30_000, 30_000), "1027.png": encoded(27, (8, 8), "PNG"),
              "1027.jpg": encoded(27, (8, 8), "JPEG"), "9999.png": encoded(99, (8, 8), "PNG")}
     for name, content in files.items():
         (images / name).write_bytes(content)
@@ -294,6 +295,7 @@ def test_folder_kind_keeps_bytes_and_reports_missing_and_unmatched(data: Manifes
         image = Image.open(io.BytesIO(content))
         assert row["image"]["bytes"] == content and (row["width"], row["height"]) == image.size
         assert row["jpeg_quality"] is None and row["watermark"] is False and row["model_revision"] == "v1"
+    assert rows["1023"]["error_message"].startswith("bad_image: decompression bomb guard: ")
     assert rows["1003"]["seed"] == 77 and rows["1007"]["seed"] is None
     assert rows["1031"]["model"] == "collab/other-gan" and rows["1007"]["model"] == "collab/stylegan"
     summary = runs["summaries"]["collab"]
