@@ -266,6 +266,7 @@ BAD_KIND_ENTRIES = [
     ("a credential in the headers", {**HTTP, "headers": {"X-Api-Key": "abc"}}, "headers.X-Api-Key"),
     ("auth env not a variable name", {**HTTP, "auth": {"env": "MY KEY"}}, "auth.env"),
     ("auth without env", {**HTTP, "auth": {"header": "X-Key"}}, "auth.env"),
+    ("auth header not a string", {**HTTP, "auth": {"env": "K", "header": 3}}, "auth.header"),
     ("zero concurrency", {**HTTP, "concurrency": 0}, "concurrency"),
     ("folder with neither folder nor index", {"kind": "folder"}, "folder"),
     ("index neither csv nor parquet", {**FOLDER, "index": "ids.txt"}, "index"),

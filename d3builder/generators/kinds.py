@@ -177,11 +177,15 @@ def _parse_http(check: Checker, raw: dict) -> HttpEntry:
     auth = None
     auth_raw = check.nested(raw, "auth", {"env": True, "header": False, "prefix": False}, optional=True)
     if auth_raw is not None:
-        env = Checker(check.path, check.name, "auth.").string(auth_raw, "env")
+        sub = Checker(check.path, check.name, "auth.")
+        env = sub.string(auth_raw, "env")
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", env or ""):
             raise check.fail("auth.env", f"must be an environment variable name, got {env!r}")
-        auth = HttpAuth(env=env, header=auth_raw.get("header") or "Authorization",
-                        prefix="Bearer " if auth_raw.get("prefix") is None else str(auth_raw["prefix"]))
+        prefix = auth_raw.get("prefix", "Bearer ")
+        if not isinstance(prefix, str):
+            raise check.fail("auth.prefix", f"must be a string (may be empty), got {prefix!r}")
+        auth = HttpAuth(env=env, header=sub.string(auth_raw, "header", optional=True) or "Authorization",
+                        prefix=prefix)
     headers = raw.get("headers", {}) or {}
     if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
         raise check.fail("headers", "must map header names to strings")
