@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from apiserver import FakeImageApi
-from genkit import make_records, one_thread, tiny_cache  # noqa: F401 - fixtures
+from genkit import make_records, one_thread  # noqa: F401 - fixtures
 from kindkit import JPEG_OF_1019, encoded
 from PIL import Image
 from shardkit import make_d3_shards
@@ -70,7 +70,7 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Manifest:  # noqa: F811
+def data(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
     """40 records in shards of 8: test records 1003, 1007, ..., 1039 (two per shard)."""
     return make_records(tmp_path_factory.mktemp("kinds"), 40, 8)
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 
 import diffusers
 import numpy as np
 import pytest
 import torch
-from genkit import MANIFESTS, one_thread, tiny_cache  # noqa: F401 - fixtures
+from genkit import MANIFESTS, one_thread  # noqa: F401 - fixtures
 
 from d3builder.generators.registry import GeneratorEntry, load_registry
 from d3builder.generators.runtime import load_generator
@@ -51,8 +50,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict]]:
 @pytest.mark.parametrize("name", [
     pytest.param("deepfloyd-if", marks=pytest.mark.slow),  # 225 steps through three pipelines: about 15 s
     "sd14", "sd21", "sdxl"])
-def test_each_d3_twin_receives_exactly_the_registry_call_arguments(tiny_cache: Path,  # noqa: F811
-                                                                    calls: list, name: str) -> None:
+def test_each_d3_twin_receives_exactly_the_registry_call_arguments(calls: list, name: str) -> None:
     """Steps, guidance and call_kwargs of every stage as the registry has them, sizes and seeds per image, no
     negative_prompt for records without one (the pipeline default, None), nothing else."""
     registry = load_registry(MANIFESTS / "generators.yaml")
@@ -78,7 +76,7 @@ def test_each_d3_twin_receives_exactly_the_registry_call_arguments(tiny_cache: P
         assert ("image" in kwargs) == (index > 0)
 
 
-def test_negative_prompts_are_passed_only_where_there_are_some(tiny_cache: Path, calls: list) -> None:  # noqa: F811
+def test_negative_prompts_are_passed_only_where_there_are_some(calls: list) -> None:
     """Images without a negative prompt are rendered without the argument, the others with their own text."""
     generator = load_generator(load_registry(MANIFESTS / "generators.yaml")["sd14-tiny"], "cpu")
     generator.generate(["a cat", "a dog", "a cow"], ["", "blurry", ""], 64, 64, [1, 2, 3])
@@ -86,7 +84,7 @@ def test_negative_prompts_are_passed_only_where_there_are_some(tiny_cache: Path,
         (["a cat", "a cow"], "absent"), (["a dog"], ["blurry"])]
 
 
-def test_sdxl_without_negative_prompt_is_the_diffusers_default(tiny_cache: Path) -> None:  # noqa: F811
+def test_sdxl_without_negative_prompt_is_the_diffusers_default() -> None:
     """SDXL zeroes the negative embedding only for negative_prompt=None: our image equals the pipeline's own
     default call and differs from the one conditioned on an empty string."""
     entry = load_registry(MANIFESTS / "generators.yaml")["sdxl-tiny"]
