@@ -18,8 +18,10 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from codetrain.classifiers import CLASSIFIERS
 from codetrain.errors import UserError
 from codetrain.preprocessing import NORMALISATIONS
+from codetrain.robustness import DEFAULT_LEVELS, validate_levels
 from codetrain.storage import read_url
 from d3builder.core.yamlconfig import ConfigError, from_mapping, parse_yaml
 from d3builder.storage.layout import safe_name
@@ -136,7 +138,7 @@ class EvalConfig:
     robustness: bool = knob(True, "sweep JPEG/downscale/blur/crop on the robustness split")
     robustness_split: str = knob("test", "split of the robustness sweep")
     robustness_levels: dict[str, list[float]] = knob(
-        {"jpeg": [95, 75, 50, 30], "downscale": [0.75, 0.5, 0.25], "blur": [0.5, 1.0, 2.0], "crop": [0.9, 0.7, 0.5]},
+        {family: list(levels) for family, levels in DEFAULT_LEVELS.items()},
         "levels per family: JPEG quality, downscale factor, blur sigma (px), kept crop fraction")
     baselines: list[str] = knob([], "CLIP linear-probe baselines: clip:MODEL[:WEIGHTS] (open_clip name or config "
                                     ".json, local weights)", flag="baseline")
@@ -150,9 +152,6 @@ class EvalConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent setting."""
-        from codetrain.classifiers import CLASSIFIERS
-        from codetrain.robustness import validate_levels
-
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         unknown = [c for c in self.classifiers if c not in CLASSIFIERS]
