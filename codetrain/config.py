@@ -25,7 +25,6 @@ from codetrain.robustness import DEFAULT_LEVELS, validate_levels
 from codetrain.storage import read_url
 from d3builder.core.yamlconfig import ConfigError, from_mapping, parse_yaml
 from d3builder.storage.layout import safe_name
-from d3builder.storage.shards import atomic_write_bytes
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """`auto` = fp16 autocast on a GPU (the paper), bf16 on a CPU with native bf16, else fp32."""
@@ -199,11 +198,6 @@ def config_yaml(config: Any) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
-def save_config(config: Any, path: str | Path) -> Path:
-    """Write a config as YAML to a local file (atomic)."""
-    return atomic_write_bytes(path, config_yaml(config).encode("utf-8"))
-
-
 def _flag_type(annotation: Any) -> tuple[Any, bool]:
     """The type of a field annotation without its None option, and whether None is allowed."""
     if get_origin(annotation) in (Union, types.UnionType):
@@ -261,4 +255,4 @@ def overrides_from_args(args: argparse.Namespace, cls: type = TrainConfig) -> di
 
 
 __all__ = ["ConfigError", "EvalConfig", "PRECISIONS", "TrainConfig", "knob", "add_config_flags", "config_yaml",
-           "load_config", "overrides_from_args", "read_config_file", "save_config"]
+           "load_config", "overrides_from_args", "read_config_file"]

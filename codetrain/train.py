@@ -410,8 +410,8 @@ class Trainer:
                 if png is not None:
                     self.store.write_bytes(RunLayout.LOSS_CURVE, png)
         self.accelerator.wait_for_everyone()
-        return TrainResult(self.store.location(), self.store.location(RunLayout.MODEL), p.step, p.epoch, p.best_val_acc, p.best_step, stopped_early,
-                           dict(self.losses), list(self.val_history), self.rank)
+        return TrainResult(self.store.location(), self.store.location(RunLayout.MODEL), p.step, p.epoch, p.best_val_acc,
+                           p.best_step, stopped_early, dict(self.losses), list(self.val_history), self.rank)
 
 
 def train(config: TrainConfig) -> TrainResult:
