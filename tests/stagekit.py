@@ -123,6 +123,7 @@ def _record_row(record: str, split: str, shard: int) -> dict:
     return {
         "id": record,
         "url": f"http://127.0.0.1:9/{record}.jpg",
+        "alternate_urls": [],
         "original_prompt": caption,
         "positive_prompt": caption,
         "negative_prompt": "",
@@ -156,6 +157,8 @@ def _real_row(record: str, reasons: list[str]) -> dict:
         "encoding": None if failed else encoding,
         "sha256": None if failed else hashlib.sha256(data).hexdigest(),
         "num_bytes": None if failed else len(data),
+        "url_index": None if failed else 0,
+        "served_url": None if failed else f"http://127.0.0.1:9/{record}.jpg",
     }
 
 
