@@ -16,14 +16,13 @@ import yaml
 from d3builder import cli
 from d3builder.recipe.manifest import Manifest, load_manifest
 from d3builder.stages.select import (
-    MAX_ALTERNATE_URLS,
     REASONS,
     SelectError,
     select_records,
     selection_hash,
     split_of,
 )
-from d3builder.storage.schema import LAION_COLUMNS, RECORD_FEATURES
+from d3builder.storage.schema import LAION_COLUMNS, MAX_ALTERNATE_URLS, RECORD_FEATURES
 from d3builder.storage.shards import read_features
 from d3builder.storage.units import read_stats
 

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -38,13 +39,15 @@ from d3builder.download.img2dataset_runner import (
     img2dataset_version,
 )
 from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
-from d3builder.recipe.manifest import FetchConfig, Manifest
+from d3builder.recipe.elsa import DEFAULT_SHARD_SIZE, ElsaError, ingest_elsa
+from d3builder.recipe.manifest import FetchConfig, Manifest, MetadataSource
 from d3builder.storage.layout import DataLayout, shard_name
 from d3builder.storage.schema import REAL_FEATURES
 from d3builder.storage.shards import write_shard
 from d3builder.storage.units import claim, is_done, read_stats, write_stats
 
 STAGE = "fetch-real"
+ELSA_RELEASE = "elsaEU/ELSA_D3"
 SUCCESS, FAILED = "success", "failed"
 REASON_CHARS = 200
 ERROR_CHARS = 500
@@ -509,9 +512,45 @@ def shard_list(text: str) -> list[int]:
     return shards
 
 
+def positive_int(text: str) -> int:
+    """Parse a count of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def manifest_for(args: argparse.Namespace) -> Manifest:
+    """The command line's manifest; with --elsa and none, a bare one writing under --output-root."""
+    if args.manifest:
+        manifest = manifest_from_args(args)
+    else:
+        manifest = Manifest(
+            name="elsa", output_root=args.output_root, metadata=MetadataSource(args.elsa, ELSA_RELEASE),
+            shard_size=args.shard_size or DEFAULT_SHARD_SIZE, generators=[],
+        )  # fmt: skip
+    if args.allow_private_addresses:
+        manifest.fetch.allow_private_addresses = True
+    return manifest
+
+
 def run(args: argparse.Namespace) -> int:
     """The `fetch-real` subcommand."""
-    summary = fetch_real(manifest_from_args(args), shards=args.shards, retry_failed=args.retry_failed)
+    if not args.manifest and not (args.elsa and args.output_root):
+        print(
+            "d3builder fetch-real: error: give --manifest M (records written by select), "
+            "or --elsa SOURCE --output-root DIR (the published ELSA_D3 parquet)",
+            file=sys.stderr,
+        )
+        return 2
+    manifest = manifest_for(args)
+    if args.elsa:
+        try:
+            records = ingest_elsa(args.elsa, manifest.layout, args.shard_size or manifest.shard_size)
+        except ElsaError as exc:
+            print(f"d3builder fetch-real: error: {exc}", file=sys.stderr)
+            return 2
+        print(records.describe(manifest.layout))
+    summary = fetch_real(manifest, shards=args.shards, retry_failed=args.retry_failed)
     print(summary.describe())
     return 0 if summary.ok else 1
 
@@ -522,9 +561,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "fetch-real",
         help="download the real images with img2dataset (original bytes) into real/{k}.parquet",
         description="Download each records shard's images with img2dataset, keeping the bytes the server sent, "
-        "into real/{k}.parquet with a status and reason per record; done shards are skipped.",
+        "into real/{k}.parquet with a status and reason per record; done shards are skipped. The records come "
+        "from `select` (--manifest) or from the published ELSA_D3 parquet (--elsa, keyed by its id column).",
     )
-    add_manifest_args(parser)
+    add_manifest_args(parser, required=False)
+    parser.add_argument(
+        "--elsa", metavar="SOURCE",
+        help="read the records from the published ELSA_D3 parquet: a file or folder, an hf:// URL, or a hub "
+        "dataset id such as elsaEU/ELSA_D3 (only its id, url and prompt columns are read); needs --output-root "
+        "or --manifest",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shard-size", type=positive_int, help=f"records per shard with --elsa (default: the manifest's, else {DEFAULT_SHARD_SIZE})"
+    )
+    parser.add_argument(
+        "--allow-private-addresses", action="store_true",
+        help="also download from loopback, private and link-local hosts (as fetch.allow_private_addresses: true)",
+    )  # fmt: skip
     parser.add_argument(
         "--retry-failed", action="store_true", help="also download the failed records of done shards again"
     )

@@ -38,19 +38,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
-from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
 from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
 from d3builder.recipe.manifest import EMBEDDED_SOURCE, SPLITS, Manifest
 from d3builder.storage.layout import DataLayout
-from d3builder.storage.schema import LAION_COLUMNS, RECORD_FEATURES
+from d3builder.storage.schema import LAION_COLUMNS, MAX_ALTERNATE_URLS, RECORD_FEATURES
 from d3builder.storage.shards import write_shard
+from d3builder.storage.sources import (
+    URL_PATTERN,
+    InputFile,
+    SourceError,
+    open_parquet_inputs,
+)
 from d3builder.storage.units import read_stats, write_stats
 
 log = logging.getLogger(__name__)
@@ -72,15 +75,9 @@ FILTER_REASONS = (
 REASONS = (*FILTER_REASONS, "not_sampled", "duplicate_id", "duplicate_url", "over_max_records")
 """Every reason a row can be dropped, as counted in the stats."""
 
-URL_PATTERN = r"^https?://([^\s/?#@]*@)?(\[[0-9A-Fa-f:.]+\]|[^\s/?#@:\[\]]+)(:[0-9]*)?([/?#]|$)"
-"""A usable URL: http or https, a non-empty host (name, IPv4 or [IPv6]), an optional numeric port."""
-
 BATCH_ROWS = 65_536
 HASH_BITS = 53
 """Selection hashes keep 53 bits so that hash / 2**53 is an exact float in [0, 1)."""
-
-MAX_ALTERNATE_URLS = 4
-"""At most this many alternate URLs per record (each costs `fetch-real` one more pass over its failures)."""
 
 DEDUPE_HEADROOM = 0.1
 MIN_DEDUPE_HEADROOM = 1024
@@ -182,49 +179,12 @@ def resolve_source(manifest: Manifest, embedded_base_url: str | None) -> str:
     return source if "://" in source else str(manifest.resolve(source))
 
 
-def list_input_files(source: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """The filesystem and sorted parquet files of a path, glob, folder or fsspec URL."""
-    fs, path = fsspec.core.url_to_fs(source)
-    if any(c in path for c in "*?["):
-        files = fs.glob(path)
-    elif fs.isdir(path):
-        files = [f for f in fs.find(path) if f.endswith(".parquet")]
-    elif fs.isfile(path):
-        files = [path]
-    else:
-        raise SelectError(f"metadata source {source!r} does not exist")
-    files = sorted(files)
-    if not files:
-        raise SelectError(f"metadata source {source!r} holds no parquet files")
-    return fs, files
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """One metadata file: its name as the user knows it (with protocol) and its dataset fragment."""
-
-    name: str
-    fragment: ds.ParquetFileFragment
-
-
 def open_inputs(source: str) -> list[InputFile]:
     """Every input file, each checked for every LAION column (error names file and column)."""
-    fs, files = list_input_files(source)
-    local = isinstance(fs, LocalFileSystem)
-    dataset = ds.dataset(files, filesystem=None if local else fs, format="parquet")
-    inputs = []
-    for fragment in dataset.get_fragments():
-        name = fragment.path if local else fs.unstrip_protocol(fragment.path)
-        try:
-            names = fragment.physical_schema.names
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise SelectError(f"{name}: not a readable parquet file: {exc}") from exc
-        missing = [column for column in LAION_ORDER if column not in names]
-        if missing:
-            more = f" (also missing: {', '.join(map(repr, missing[1:]))})" if missing[1:] else ""
-            raise SelectError(f"{name}: missing required LAION column {missing[0]!r}{more}")
-        inputs.append(InputFile(name, fragment))
-    return inputs
+    try:
+        return open_parquet_inputs(source, LAION_ORDER, "LAION")
+    except SourceError as exc:
+        raise SelectError(f"metadata source {exc}") from exc
 
 
 def _convert(value: Any, want: pa.DataType) -> tuple[Any, bool]:

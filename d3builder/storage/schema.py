@@ -25,6 +25,9 @@ LAION_COLUMNS = Features(
 )
 """The LAION-400M metadata columns that `select` reads and keeps."""
 
+MAX_ALTERNATE_URLS = 4
+"""At most this many alternate URLs per record (each costs `fetch-real` one more pass over its failures)."""
+
 RECORD_FEATURES = Features(
     {
         "id": STRING,
