@@ -13,7 +13,6 @@ import hashlib
 import io
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -33,6 +32,7 @@ from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from d3builder.download.addresses import url_refusals
+from d3builder.download.errors import download_error_text, error_text
 from d3builder.download.img2dataset_runner import (
     fetch_rows,
     img2dataset_options,
@@ -50,8 +50,6 @@ STAGE = "fetch-real"
 ELSA_RELEASE = "elsaEU/ELSA_D3"
 SUCCESS, FAILED = "success", "failed"
 REASON_CHARS = 200
-ERROR_CHARS = 500
-_BYTES_LITERAL = re.compile(r"""(?<![A-Za-z0-9_])b(['"])(?:\\.|(?!\1).)*\1""", re.S)
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +99,6 @@ def inspect_image(data: bytes | memoryview, max_bytes: int) -> Inspection:
         return failed(f"not an image Pillow can identify ({size} bytes)")
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the bytes are no usable image
         return failed(error_text(f"image does not decode: {type(exc).__name__}: {exc}"))
-
-
-def error_text(message: str) -> str:
-    """An error message fit to store: any bytes literal (response bytes a decoder quoted) blanked, length capped."""
-    return _BYTES_LITERAL.sub("<bytes>", message)[:ERROR_CHARS]
 
 
 def failure_reason(message: str) -> str:
@@ -195,7 +188,8 @@ def outcomes(ids: Sequence[str], fetched: Fetched) -> dict[str, Outcome]:
         if j is None:
             result[record_id] = Outcome(Inspection(error="img2dataset wrote no row for this record"))
         elif fetched.statuses[j] != SUCCESS:
-            result[record_id] = Outcome(Inspection(error=error_text(fetched.messages[j] or fetched.statuses[j])))
+            message = download_error_text(fetched.messages[j] or "") if fetched.messages[j] else fetched.statuses[j]
+            result[record_id] = Outcome(Inspection(error=message))
         else:
             inspection = fetched.inspections[j]
             result[record_id] = Outcome(inspection, fetched.cells[j] if inspection.error is None else None)
