@@ -188,8 +188,8 @@ def outcomes(ids: Sequence[str], fetched: Fetched) -> dict[str, Outcome]:
         if j is None:
             result[record_id] = Outcome(Inspection(error="img2dataset wrote no row for this record"))
         elif fetched.statuses[j] != SUCCESS:
-            message = download_error_text(fetched.messages[j] or "") if fetched.messages[j] else fetched.statuses[j]
-            result[record_id] = Outcome(Inspection(error=message))
+            message = fetched.messages[j]
+            result[record_id] = Outcome(Inspection(error=download_error_text(message) if message else fetched.statuses[j]))
         else:
             inspection = fetched.inspections[j]
             result[record_id] = Outcome(inspection, fetched.cells[j] if inspection.error is None else None)
