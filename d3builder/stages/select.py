@@ -327,7 +327,7 @@ def scan(inputs: Sequence[InputFile], manifest: Manifest, capacity: int | None, 
                 sampled = hashes < limit
                 dropped["not_sampled"] += int((~sampled).sum())
                 rows = pc.take(pa.table(columns), index[sampled]).to_pylist()
-                for h, row in zip(hashes[sampled].tolist(), rows):
+                for h, row in zip(hashes[sampled].tolist(), rows, strict=True):
                     values = tuple(row[name] for name in LAION_ORDER)
                     candidates.add((h << 64) | _content_digest(values), values)
                 bar.update(n)
@@ -377,7 +377,7 @@ def record_rows(
     prompts = manifest.prompts
     rows = []
     for key, values in kept:
-        laion = dict(zip(LAION_ORDER, values))
+        laion = dict(zip(LAION_ORDER, values, strict=True))
         caption = laion["TEXT"].strip()
         rows.append(
             {
