@@ -147,6 +147,8 @@ def write_real_sources(
                 "encoding": "JPEG",
                 "sha256": None,
                 "num_bytes": len(real),
+                "url_index": 0,
+                "served_url": row["url"],
             }
         )
     order = np.random.default_rng(seed).permutation(n_records)  # reals are not in record order

@@ -23,6 +23,7 @@ from d3builder.recipe.manifest import (
 from d3builder.storage.layout import DataLayout
 from d3builder.storage.schema import GEN_FEATURES, REAL_FEATURES, RECORD_FEATURES
 from d3builder.storage.shards import image_cell, write_shard
+from d3builder.storage.units import write_stats
 
 GENERATORS = ("if-tiny", "sd14-tiny", "sd21-tiny", "sdxl-tiny")
 ENCODINGS = ("JPEG", "PNG", "GIF", "BMP", "TIFF")
@@ -87,7 +88,7 @@ def make_stage_inputs(
     split_cycle: Sequence[str] = ("train", "train", "validation", "test"),
     skip: Iterable[tuple[str, int]] = (),
 ) -> StageInputs:
-    """Write records/, real/ and gen/{g}/ shards for `n_records` records.
+    """Write records/, real/ and gen/{g}/ shards for `n_records` records, each unit with its stats file.
 
     `fail` maps a record id to reasons among real_missing, real_failed, gen_missing:<g>,
     gen_failed:<g>; `skip` names (generator, shard) gen shards not to write at all.
@@ -107,6 +108,7 @@ def make_stage_inputs(
         write_shard([_record_row(r, splits[r], shard) for r in ids], layout.records(shard), RECORD_FEATURES)
         real_rows = [_real_row(r, fails.get(r, [])) for r in ids if "real_missing" not in fails.get(r, [])]
         write_shard(real_rows, layout.real(shard), REAL_FEATURES)
+        write_stats(layout.stats("fetch-real", shard), {"shard": shard, "records": len(real_rows)})
         for slot, generator in enumerate(generators):
             if (generator, shard) in skipped:
                 continue
@@ -116,6 +118,8 @@ def make_stage_inputs(
                 if f"gen_missing:{generator}" not in fails.get(r, [])
             ]
             write_shard(rows, layout.gen(generator, shard), GEN_FEATURES)
+            write_stats(layout.stats("generate", shard, generator), {"shard": shard, "records": len(rows), "splits": None})
+    write_stats(layout.stats("select", 0), {"kept": n_records, "shards": len(shards)})
     return StageInputs(manifest=manifest, shards=shards, splits=splits, fail=fails)
 
 
@@ -125,6 +129,7 @@ def _record_row(record: str, split: str, shard: int) -> dict:
         RECORD_FEATURES,
         id=record,
         url=f"http://127.0.0.1:9/{record}.jpg",
+        alternate_urls=[],
         original_prompt=caption,
         positive_prompt=caption,
         negative_prompt="",
@@ -159,6 +164,8 @@ def _real_row(record: str, reasons: list[str]) -> dict:
         encoding=None if failed else encoding,
         sha256=None if failed else hashlib.sha256(data).hexdigest(),
         num_bytes=None if failed else len(data),
+        url_index=None if failed else 0,
+        served_url=None if failed else f"http://127.0.0.1:9/{record}.jpg",
     )
 
 

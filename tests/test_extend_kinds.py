@@ -22,6 +22,7 @@ from PIL import Image
 from shardkit import make_d3_shards
 from test_fetch_real import png_claiming
 
+from codetrain.config import EvalConfig
 from codetrain.evaluate import evaluate
 from codetrain.model import create_embedder, save_weights
 from d3builder import cli
@@ -314,7 +315,7 @@ def test_extended_evaluation_gains_a_row_per_added_generator(data: Manifest, run
     make_d3_shards(d3, 12, "validation", seed=1)
     make_d3_shards(d3, 4, "test", seed=2)
     save_weights(create_embedder("test_vit"), tmp_path / "run" / "model.safetensors")
-    result = evaluate(tmp_path / "run", str(d3), extended_dir=data.layout.root, robustness=False)
+    result = evaluate(EvalConfig(run=str(tmp_path / "run"), data=str(d3), extended=str(data.layout.root), robustness=False))
     stored = {name: len(_extended_rows(data, name)) for name in NAMES}
     extended = [r for r in result.results if r["split"] == "extended"]
     assert [r["classifier"] for r in extended] == ["linear", "knn", "ocsvm"]

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
 JPEG_FORMATS = {"JPEG", "MPO"}
+ERROR_CHARS = 300
+_BYTES_LITERAL = re.compile(r"""(?<![A-Za-z0-9_])b(['"])(?:\\.|(?!\1).)*\1""", re.S)
+
+
+def error_text(message: str) -> str:
+    """A decoder's error message with any bytes literal (image bytes it quoted) blanked, length capped."""
+    return _BYTES_LITERAL.sub("<bytes>", message)[:ERROR_CHARS]
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,6 @@ def inspect_image(data: bytes | memoryview, max_bytes: int) -> Inspection:
     except PILImage.DecompressionBombError as exc:
         return failed(f"decompression bomb guard: {exc}")
     except UnidentifiedImageError:
-        return failed(f"not an image Pillow can identify: starts with {bytes(data[:16])!r}")
+        return failed(f"not an image Pillow can identify ({size} bytes)")
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the bytes are no usable image
-        return failed(f"image does not decode: {type(exc).__name__}: {exc}")
+        return failed(error_text(f"image does not decode: {type(exc).__name__}: {exc}"))
