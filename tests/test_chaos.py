@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from genkit import make_records, one_thread, save_manifest, tiny_cache  # noqa: F401 - fixtures
+from genkit import make_records, one_thread, save_manifest  # noqa: F401 - fixtures
 from s3fixtures import s3, s3_bucket  # noqa: F401 - fixtures
 
 from d3builder.recipe.manifest import Manifest
@@ -108,7 +108,7 @@ def check(root: str, reference: dict[str, bytes]) -> None:
 
 
 @pytest.fixture(scope="module")
-def undisturbed(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> dict[str, bytes]:  # noqa: F811
+def undisturbed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """Every file of one undisturbed worker's run of the recipe."""
     root = tmp_path_factory.mktemp("undisturbed")
     manifest = recipe(root)

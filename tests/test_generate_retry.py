@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from genkit import make_records, one_thread, save_manifest, tiny_cache  # noqa: F401 - fixtures
+from genkit import make_records, one_thread, save_manifest  # noqa: F401 - fixtures
 
 from d3builder import cli
 from d3builder.generators.render import generate_shards
@@ -48,7 +48,7 @@ def rows(path: Path) -> dict[str, dict]:
     return {r["id"]: r for r in pq.read_table(path).to_pylist()}
 
 
-def test_out_of_memory_batches_are_rendered_in_halves(tmp_path: Path, tiny_cache: Path,  # noqa: F811
+def test_out_of_memory_batches_are_rendered_in_halves(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = make_records(tmp_path / "data", 8, 8, batch_size=4)
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -67,7 +67,7 @@ def test_out_of_memory_batches_are_rendered_in_halves(tmp_path: Path, tiny_cache
 
 
 def test_failed_records_are_done_exit_1_and_retry_failed_redoes_exactly_them(
-        tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture) -> None:
     manifest = make_records(tmp_path / "data", 8, 4, batch_size=2)
     layout = manifest.layout
@@ -100,7 +100,7 @@ def test_failed_records_are_done_exit_1_and_retry_failed_redoes_exactly_them(
 
 
 def test_extend_retry_failed_renders_and_joins_the_failed_test_records(
-        tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = make_records(tmp_path / "data", 8, 4)  # test records: 1003 and 1007
     Renders(monkeypatch, lambda ids: RuntimeError("boom") if "1007" in ids else None)
     render, join = extend(manifest, progress=False)
@@ -113,7 +113,7 @@ def test_extend_retry_failed_renders_and_joins_the_failed_test_records(
     assert [r["id"] for r in pq.read_table(manifest.layout.extended("sd15-tiny", 1)).to_pylist()] == ["1007"]
 
 
-def test_big_shards_go_by_parts_and_merge_into_the_same_shard(tmp_path: Path, tiny_cache: Path) -> None:  # noqa: F811
+def test_big_shards_go_by_parts_and_merge_into_the_same_shard(tmp_path: Path) -> None:
     whole = make_records(tmp_path / "whole", 12, 12, batch_size=2)
     parted = make_records(tmp_path / "parted", 12, 12, batch_size=2)
     table = tmp_path / "throughput.yaml"

@@ -25,7 +25,7 @@ def test_status_and_unlock(tmp_path: Path, capsys: pytest.CaptureFixture, monkey
     assert (assemble.units, assemble.done, len(assemble.running), len(assemble.failed), assemble.pending) == (3, 1, 1, 1, 0)
     assert assemble.failed["00001"].startswith("bad_input: missing input: ") and "sd21-tiny" in assemble.failed["00001"]
     assert assemble.records == {"real_failed": 1}
-    assert (rows["fetch-real"].units, rows["fetch-real"].pending) == (3, 3)
+    assert (rows["fetch-real"].units, rows["fetch-real"].done, rows["fetch-real"].pending) == (3, 3, 0)  # stagekit
     assert cli.main(["status", "-m", str(manifest.path)]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["stage", "units", "done", "running", "failed", "pending"]

@@ -16,9 +16,9 @@ if TYPE_CHECKING:
     from d3builder.generators.render import SpeedOptions
 
 
-def add_manifest_args(parser: argparse.ArgumentParser) -> None:
+def add_manifest_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """`--manifest M` and `--output-root DIR_OR_URL`."""
-    parser.add_argument("--manifest", "-m", required=True, help="dataset recipe (YAML), e.g. manifests/tiny.yaml")
+    parser.add_argument("--manifest", "-m", required=required, help="dataset recipe (YAML), e.g. manifests/tiny.yaml")
     parser.add_argument("--output-root", help="write under this folder or storage URL (s3://, gs://, file://, "
                         "memory://) instead of the manifest's output_root")
 

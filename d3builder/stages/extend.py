@@ -5,7 +5,9 @@ gen/{g}/{k}.parquet intermediate, then each records shard's test records are joi
 real/{k}.parquet exactly as `assemble` joins them, into the final shard format with one generator slot
 (gen0 = the new generator). Both are units of the unit runner (stats under stats/generate/{g}/ and
 stats/extend/{g}/). Readers handle these shards like D3 test shards. Adding a generator is one registry
-entry (manifests/extended.yaml) and its name under the manifest's extended.generators.
+entry (manifests/extended.yaml) and its name under the manifest's extended.generators; the entry may be of
+any kind (diffusers, python, http, folder), and every named entry must be ready to run here before any
+work starts.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path, PurePath
 
 from d3builder.core.commandline import UsageError
-from d3builder.generators.registry import RegistryError
+from d3builder.generators.backends import availability, check_ready, describe
+from d3builder.generators.backends.folder import unmatched_files
+from d3builder.generators.registry import Entry, FolderEntry, RegistryError
 from d3builder.generators.render import (
     STAGE as GENERATE,
 )
@@ -149,6 +153,8 @@ def extend(
     if not names:
         raise RegistryError(f"{manifest.path}: extended.generators is empty and no generator was named")
     entries = [registry_entry(registry, name) for name in names]
+    for entry in entries:
+        check_ready(entry)
     layout = manifest.layout
     every = sorted(set(shards)) if shards is not None else layout.record_shards()
     if not every:
@@ -164,14 +170,53 @@ def extend(
         runner = manifest.runner(progress=progress and state.is_main_process, wait=wait,
                                  rank=state.process_index, world=state.num_processes)
         mine = shards_for_process(every, state.process_index, state.num_processes)
-        summaries.append(runner.run(JoinJob(manifest, entry.name), [Unit(STAGE, k, entry.name) for k in mine],
-                                    group=entry.name))
+        join = runner.run(JoinJob(manifest, entry.name), [Unit(STAGE, k, entry.name) for k in mine], group=entry.name)
+        if isinstance(entry, FolderEntry) and state.is_main_process:
+            files = record_unmatched(manifest, entry)
+            if files:
+                join.notes.append(f"{len(files)} image(s) match no test record: {', '.join(files[:10])}"
+                                  + (" ..." if len(files) > 10 else ""))
+        summaries.append(join)
     return summaries
+
+
+def record_unmatched(manifest: Manifest, entry: FolderEntry) -> list[str]:
+    """The folder's images that match no test record, also written to stats/extend/{g}/unmatched.json."""
+    layout = manifest.layout
+    test_ids = [r["id"] for k in layout.record_shards() for r in read_records(layout.records(k), layout.store)
+                if r["split"] == SPLIT]
+    unmatched = unmatched_files(entry, test_ids)
+    layout.store.write_json(layout.stats(STAGE, 0, entry.name).parent / "unmatched.json",
+                            {"generator": entry.name, "folder": entry.folder, "index": entry.index,
+                             "unmatched": unmatched})
+    return unmatched
+
+
+def list_generators(registry: dict[str, Entry]) -> list[dict[str, str]]:
+    """One row per registered generator: name, kind, what it runs, and whether it can run here (and why)."""
+    rows = []
+    for name, entry in sorted(registry.items()):
+        ok, why = availability(entry)
+        rows.append({"name": name, "kind": entry.kind, "runs": describe(entry), "here": "yes" if ok else "no",
+                     "why": why})
+    return rows
+
+
+def _print_list(manifest: Manifest, registry_file: str | None) -> int:
+    path = Path(registry_file) if registry_file is not None else manifest.extended_registry_path()
+    rows = list_generators(manifest_registry(manifest, path))
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("name", "kind", "runs", "here")}
+    print("  ".join(k.upper().ljust(widths[k]) for k in widths) + "  WHY")
+    for row in rows:
+        print("  ".join(row[k].ljust(widths[k]) for k in widths) + f"  {row['why']}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     manifest = manifest_from_args(args)
     try:
+        if args.list:
+            return _print_list(manifest, args.registry)
         summaries = extend(manifest, args.registry, args.only, shards=args.shards, batch_size=args.batch_size,
                            speed=speed_from_args(args), progress=args.progress, retry_failed=args.retry_failed,
                            wait=args.wait)
@@ -187,13 +232,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="render the test records with further generators into extended/{g}/test-{k}.parquet",
         description="For each extended generator: render the test-split records (gen/{g}/{k}.parquet, as "
         "`generate` does) and join them with real/{k}.parquet into extended/{g}/test-{k}.parquet, the final "
-        "shard format with one generator slot (gen0). Resumable; runs under accelerate launch like generate.",
+        "shard format with one generator slot (gen0). A generator is any registry entry: a diffusers pipeline, a "
+        "Python function, an HTTP API or a folder of images made elsewhere (see --list). Resumable; runs under "
+        "accelerate launch like generate.",
     )
     add_manifest_args(parser)
     parser.add_argument("--registry", help="registry file of the further generators (default: the manifest's "
                         "extended.registry, e.g. manifests/extended.yaml)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="only these generators (default: the manifest's "
                         "extended.generators)")
+    parser.add_argument("--list", action="store_true", help="list every registered generator with its kind, what it "
+                        "runs and whether it can run here (weights, API key, importable callable, folder); runs nothing")
     add_unit_args(parser, retry=True)
     add_speed_args(parser)
     parser.set_defaults(func=_run)

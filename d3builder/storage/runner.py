@@ -176,6 +176,8 @@ class RunSummary:
     rank: int = 0
     world: int = 1
     item: str = "record"
+    notes: list[str] = field(default_factory=list)
+    """Further lines for the summary (e.g. a folder generator's images that match no record)."""
 
     def units(self, *outcomes: UnitOutcome) -> list[Unit]:
         """Units with one of `outcomes` (all when none is given), in the order they were run."""
@@ -244,6 +246,7 @@ class RunSummary:
         lines = [f"{prefix}{self.name}: {', '.join(parts)}; {self.records} {self.item}(s), {failed}; "
                  f"{self.seconds:.1f} s{rate}; exit {int(code)}: {MEANING[code]}"]
         lines += [f"{prefix}  {reason}: {n}" for reason, n in sorted(self.reasons.items())]
+        lines += [f"{prefix}  {note}" for note in self.notes]
         lines += [f"{prefix}{r.unit.label}: NOT done, {r.message}" for r in self.results
                   if r.outcome in (UnitOutcome.FAILED, UnitOutcome.BAD_INPUT)]
         lines += [f"{prefix}{r.unit.label}: busy, {r.message}" for r in self.results if r.outcome is UnitOutcome.BUSY]
