@@ -1,4 +1,8 @@
-"""The CoDE embedder: a timm backbone trained from scratch, L2-normalised output, safetensors I/O."""
+"""The CoDE embedder: a timm backbone trained from scratch, L2-normalised output, safetensors I/O.
+
+Weights are saved under timm's own key names (the backbone's state dict), so timm alone loads
+them; files written with the wrapper's `backbone.` prefix (before that change) convert on read.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ CONFIG_KEY = "codetrain_embedder"
 
 CONFIG_FORMAT = "codetrain.CoDEEmbedder/1"
 """Format tag written into every config, checked when rebuilding."""
+
+WRAPPER_PREFIX = "backbone."
+"""Key prefix of the wrapper's own state dict, found in weights files written before timm key names."""
 
 
 def _create_backbone(model_name: str, img_size: int) -> tuple[nn.Module, bool]:
@@ -96,8 +103,8 @@ def create_embedder(model_name: str = DEFAULT_MODEL, img_size: int = 224) -> CoD
 
 
 def save_weights(model: CoDEEmbedder, path: str | Path) -> Path:
-    """Write the weights atomically as safetensors, with the config JSON in the metadata."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """Write the backbone's weights (timm key names) atomically as safetensors, the config JSON in the metadata."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
     data = safetensors.torch.save(state, metadata={CONFIG_KEY: json.dumps(model.config())})
     return atomic_write_bytes(path, data)
 
@@ -116,10 +123,17 @@ def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors without `prefix` when every key carries it, else unchanged."""
+    if tensors and all(k.startswith(prefix) for k in tensors):
+        return {k[len(prefix):]: v for k, v in tensors.items()}
+    return tensors
+
+
 def _load_state(model: CoDEEmbedder, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Copy tensors into the model, refusing any missing, extra or misshapen tensor."""
+    """Copy timm-keyed (or old `backbone.`-prefixed) tensors into the backbone; any missing, extra or misshapen one is refused."""
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.backbone.load_state_dict(strip_prefix(tensors, WRAPPER_PREFIX), strict=True)
     except RuntimeError as exc:
         raise ValueError(f"tensors in {path} do not match {model.model_name}: {exc}") from exc
 
