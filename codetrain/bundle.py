@@ -1,9 +1,12 @@
 """Export a run for deployment: the embedder as ONNX (checked against onnxruntime) and a self-contained bundle.
 
-A bundle folder holds model.safetensors, model.onnx, classifiers/ (skops files and
-classifiers.json), config.json (embedder config, classifier thresholds, the
-preprocessing, ONNX input/output names, file hashes) and, when the run has one, the
-training config as train_config.yaml. `codetrain detect --run BUNDLE` loads it.
+A bundle folder holds model.safetensors (timm key names), model.onnx, classifiers/ (skops
+files and classifiers.json), config.json (timm's hub config -- architecture, num_classes 0,
+model_args, pretrained_cfg with input size and mean/std -- plus the embedder config,
+classifier thresholds, the preprocessing, ONNX input/output names and file hashes) and,
+when the run has one, the training config as train_config.yaml. `codetrain detect --run
+BUNDLE` loads it; timm alone loads its backbone (`timm.create_model("local-dir:BUNDLE",
+pretrained=True)`, or "hf-hub:user/name" once pushed).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from codetrain.evaluate import (
     MODEL_FILE,
     load_fitted_classifiers,
 )
-from codetrain.model import CoDEEmbedder, load_embedder
+from codetrain.model import CoDEEmbedder, load_embedder, save_weights
+from codetrain.timmconfig import timm_config
 from d3builder.storage.layout import safe_name
 from d3builder.storage.shards import atomic_write_bytes, atomic_write_json
 
@@ -115,7 +119,7 @@ def make_bundle(
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / CLASSIFIERS_DIR).mkdir(parents=True)
     try:
-        shutil.copyfile(_weights(run), tmp / MODEL_FILE)
+        save_weights(model, tmp / MODEL_FILE)  # timm key names, whatever layout the run's file has
         atomic_write_bytes(tmp / ONNX_FILE, to_onnx_bytes(model, opset))
         diff = check_onnx(model, tmp / ONNX_FILE)
         for name in [MANIFEST, *(safe_name(c["file"], "classifier file") for c in manifest["classifiers"].values())]:
@@ -123,7 +127,8 @@ def make_bundle(
         if (run / "config.yaml").is_file():
             shutil.copyfile(run / "config.yaml", tmp / "train_config.yaml")
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        atomic_write_json(tmp / "config.json", _config(model, fingerprint, manifest, diff, opset, files, tmp))
+        config = {**timm_config(model), **_config(model, fingerprint, manifest, diff, opset, files, tmp)}
+        atomic_write_json(tmp / "config.json", config)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
