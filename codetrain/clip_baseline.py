@@ -24,6 +24,9 @@ BASELINE_PREFIX = "clip:"
 class ClipEmbedder(nn.Module):
     """An open_clip image encoder mapping ImageNet-normalised 224 crops to unit embeddings."""
 
+    baseline_classifiers = ("linear",)
+    """A CLIP baseline is a linear probe, as in the paper (other baselines get every classifier)."""
+
     def __init__(self, visual: nn.Module, model_name: str, mean: tuple[float, ...], std: tuple[float, ...], image_size: int) -> None:
         """Wrap `visual` (an open_clip image tower) with CLIP's normalisation and input size."""
         super().__init__()

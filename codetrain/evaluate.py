@@ -32,6 +32,8 @@ from codetrain.embed import (
 from codetrain.metrics import evaluate_predictions, roc_points
 from codetrain.model import load_embedder
 from codetrain.persistence import load_classifier, save_classifier
+from codetrain.release import BASELINE_PREFIX as RELEASE_PREFIX
+from codetrain.release import parse_release_baseline
 from codetrain.report import (
     CSV_COLUMNS,
     ROBUSTNESS_COLUMNS,
@@ -244,8 +246,9 @@ def evaluate(
     OUT/classifiers. Each present test split (and the extended set) is scored per
     classifier: accuracy on reals, fakes, overall and per generator, AUC, AP. With
     `robustness`, the fitted classifiers are also scored on `robustness_split` under
-    JPEG/downscale/blur/crop. `baselines` (e.g. "clip:ViT-B-32:/w.safetensors") add
-    linear-probe rows to the same tables.
+    JPEG/downscale/blur/crop. `baselines` add rows to the same tables: a CLIP linear
+    probe ("clip:ViT-B-32:/w.safetensors") or the authors' released backbone with every
+    classifier refitted ("code-release:aimagelab/CoDE").
     """
     run_dir = Path(run_dir)
     for name in classifiers:
@@ -272,8 +275,9 @@ def evaluate(
     for base in bases:
         base.to(model_device(model))
         name = detector_name(base)
-        log.info("baseline %s: linear probe", name)
-        extra = _evaluate_detector(base, ("linear",), fit_split, fit_shards, splits, out / "baselines" / slug(name) / CLASSIFIERS_DIR,
+        log.info("baseline %s", name)
+        names = getattr(base, "baseline_classifiers", classifiers)  # CLIP: the paper's linear probe only
+        extra = _evaluate_detector(base, names, fit_split, fit_shards, splits, out / "baselines" / slug(name) / CLASSIFIERS_DIR,
                                    out / "cache" / slug(name), batch_size, real_source)
         results += extra.results
         for split, c in extra.curves.items():
@@ -293,9 +297,11 @@ def evaluate(
 
 
 def _load_baseline(spec: str | nn.Module) -> nn.Module:
-    """A baseline embedder from a spec string ('clip:MODEL[:WEIGHTS]') or as given."""
+    """A baseline embedder from a spec string ('clip:MODEL[:WEIGHTS]', 'code-release:PATH_OR_REPO') or as given."""
     if isinstance(spec, nn.Module):
         return spec
+    if spec.startswith(RELEASE_PREFIX):
+        return parse_release_baseline(spec)
     from codetrain.clip_baseline import parse_baseline
 
     return parse_baseline(spec)
@@ -380,8 +386,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     for family, values in DEFAULT_LEVELS.items():
         parser.add_argument(f"--{family}", nargs="*", type=float, default=list(values), metavar="LEVEL",
                             help=f"{family} levels (default {' '.join(f'{v:g}' for v in values)}; none to skip)")
-    parser.add_argument("--baseline", action="append", default=[], metavar="clip:MODEL[:WEIGHTS]",
-                        help="add a CLIP linear-probe baseline (open_clip model name or config .json, local weights)")
+    parser.add_argument("--baseline", action="append", default=[], metavar="clip:MODEL[:WEIGHTS] | code-release:PATH_OR_REPO",
+                        help="add a CLIP linear-probe baseline (open_clip model name or config .json, local weights) or the "
+                        "authors' released CoDE backbone (folder, weights file or hub repo id; its pickled classifiers are never read)")
     parser.add_argument("--real-source", help="real images for ELSA_D3-layout shards (real/ shards or a folder)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", help="torch device (default cuda when available)")

@@ -130,7 +130,7 @@ def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     return tensors
 
 
-def _load_state(model: CoDEEmbedder, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def load_state(model: CoDEEmbedder, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Copy timm-keyed (or old `backbone.`-prefixed) tensors into the backbone; any missing, extra or misshapen one is refused."""
     try:
         model.backbone.load_state_dict(strip_prefix(tensors, WRAPPER_PREFIX), strict=True)
@@ -141,7 +141,7 @@ def _load_state(model: CoDEEmbedder, tensors: dict[str, torch.Tensor], path: Pat
 def load_weights(model: CoDEEmbedder, path: str | Path) -> CoDEEmbedder:
     """Load safetensors weights into an existing embedder (strict: every tensor must match)."""
     tensors, _ = _read(path)
-    _load_state(model, tensors, Path(path))
+    load_state(model, tensors, Path(path))
     return model
 
 
@@ -155,5 +155,5 @@ def load_embedder(path: str | Path) -> CoDEEmbedder:
         model = CoDEEmbedder.from_config(cfg)
     except (json.JSONDecodeError, ValueError, TypeError, RuntimeError) as exc:
         raise ValueError(f"{path} has an unusable embedder config: {exc}") from exc
-    _load_state(model, tensors, Path(path))
+    load_state(model, tensors, Path(path))
     return model.eval()
