@@ -32,6 +32,7 @@ ENTRY_KEYS = {
     "pipeline": True, "model": True, "revision": False, "dtype": True, "variant": False,
     "steps": True, "guidance": True, "scheduler": False, "sizes": True, "native_size": False,
     "stages": False, "d3_column": False, "tiny": False, "call_kwargs": False, "description": False,
+    "license": False,
 }
 
 
@@ -77,6 +78,8 @@ class GeneratorEntry:
     tiny: str | None = None
     call_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
     description: str = ""
+    license: str = ""
+    """The licence of the model's weights and outputs, as its model card names it (shown in published dataset cards)."""
 
     @property
     def is_tiny(self) -> bool:
@@ -261,9 +264,10 @@ def _parse_entry(path: Path, name: Any, raw: Any) -> GeneratorEntry:
     if len(set(sizes)) != len(sizes):
         raise check.fail("sizes", "contains duplicates")
     d3_column = check.integer(raw, "d3_column", 0, 3) if raw.get("d3_column") is not None else None
-    description = raw.get("description", "") or ""
-    if not isinstance(description, str):
-        raise check.fail("description", "must be a string")
+    description, license_name = raw.get("description", "") or "", raw.get("license", "") or ""
+    for key, value in (("description", description), ("license", license_name)):
+        if not isinstance(value, str):
+            raise check.fail(key, "must be a string")
     return GeneratorEntry(
         name=name,
         pipeline=pipeline,
@@ -275,6 +279,7 @@ def _parse_entry(path: Path, name: Any, raw: Any) -> GeneratorEntry:
         tiny=check.string(raw, "tiny", optional=True),
         call_kwargs=check.call_kwargs(raw, pipeline),
         description=description,
+        license=license_name,
         source=str(path),
     )
 
