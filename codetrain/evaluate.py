@@ -46,6 +46,7 @@ from codetrain.report import (
     write_csv,
 )
 from codetrain.robustness import DEFAULT_LEVELS, robustness_sweep, validate_levels
+from d3builder.core.yamlconfig import ConfigError
 from d3builder.storage.layout import safe_name
 from d3builder.storage.shards import atomic_write_bytes, atomic_write_json
 
@@ -300,11 +301,12 @@ def _load_baseline(spec: str | nn.Module) -> nn.Module:
     """A baseline embedder from a spec string ('clip:MODEL[:WEIGHTS]', 'code-release:PATH_OR_REPO') or as given."""
     if isinstance(spec, nn.Module):
         return spec
-    if spec.startswith(RELEASE_PREFIX):
-        return parse_release_baseline(spec)
     from codetrain.clip_baseline import parse_baseline
 
-    return parse_baseline(spec)
+    try:
+        return parse_release_baseline(spec) if spec.startswith(RELEASE_PREFIX) else parse_baseline(spec)
+    except (ValueError, FileNotFoundError) as exc:  # a bad flag: one line and exit 2 on the command line
+        raise ConfigError("--baseline", spec, str(exc)) from exc
 
 
 def _write_outputs(

@@ -14,6 +14,7 @@ from hubkit import cached_repo
 from shardkit import GENERATORS, make_d3_shards
 from transformers import ViTConfig, ViTModel
 
+from codetrain.cli import main
 from codetrain.evaluate import evaluate
 from codetrain.model import CoDEEmbedder, create_embedder, save_weights
 from codetrain.release import load_release, parse_release_baseline
@@ -123,3 +124,16 @@ def test_release_baseline_joins_our_tables_with_all_three_classifiers(release: d
     assert (out / "acc_test.png").is_file() and (out / "roc_test.png").is_file()
     assert json.loads((out / "results.json").read_text())["fit"]["CoDE release"]["n_real"] == 8
     assert not release["marker"].exists(), "the released classifiers were never unpickled"
+
+
+def test_a_bad_release_path_is_one_line_and_exit_2(release: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_d3_shards(tmp_path / "d3", 2, "validation", seed=1)
+    make_d3_shards(tmp_path / "d3", 2, "test", seed=2)
+    save_weights(create_embedder("test_vit"), tmp_path / "run" / "model.safetensors")
+    missing = tmp_path / "no" / "such" / "CoDE"
+    args = ["evaluate", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "d3"), "--no-robustness"]
+    assert main([*args, "--baseline", f"code-release:{missing}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("codetrain: invalid configuration: --baseline") and str(missing) in err and "\n" not in err
+    assert main([*args, "--baseline", f"code-release:{release['folder'] / CLASSIFIER_FILES[0]}"]) == 2
+    assert "never pickles" in capsys.readouterr().err and not release["marker"].exists()
