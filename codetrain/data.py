@@ -35,7 +35,7 @@ from codetrain.realsource import (
     join_url,
     open_parquet,
 )
-from codetrain.views import ViewMaker, normalise
+from codetrain.views import IMAGENET_MEAN, IMAGENET_STD, Stats, ViewMaker, normalise
 from d3builder.storage.layout import safe_name
 from d3builder.storage.schema import generator_slots
 
@@ -333,11 +333,12 @@ class D3Records(IterableDataset):
         return out
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def collate(samples: list[dict[str, Any]], mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD) -> dict[str, Any]:
     """Torch's default collation, except that uint8 views become one normalised float32 [B,3,H,W] tensor each.
 
-    The normalisation writes straight into the batch tensor, in shared memory inside a
-    DataLoader worker (as `default_collate` does), so a view is converted and copied once.
+    The normalisation (the model's `mean`/`std`: bind them with functools.partial for a
+    DataLoader) writes straight into the batch tensor, in shared memory inside a DataLoader
+    worker (as `default_collate` does), so a view is converted and copied once.
     """
     batch: dict[str, Any] = {}
     for key in samples[0]:
@@ -347,7 +348,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
             out = _batch_tensor((len(values), 3, *first.shape[1:]))
             array = out.numpy()
             for i, view in enumerate(values):
-                normalise(view, array[i])
+                normalise(view, array[i], mean, std)
             batch[key] = out
         else:
             batch[key] = default_collate(values)

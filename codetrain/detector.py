@@ -3,8 +3,10 @@
 `path_or_repo` is a run folder (after `codetrain evaluate`), a bundle or hub folder
 (`codetrain export` / `codetrain publish`), or a hub repo id (downloaded into the hub
 cache: weights, config and classifiers only). Images are PIL images or paths, any size
-and any format Pillow reads, with the preprocessing of evaluation and `codetrain detect`
-(see `codetrain.detect`), embedded in batches and scored by one fitted classifier.
+and any format Pillow reads, with the embedder's own preprocessing, as in evaluation and
+`codetrain detect` (see `codetrain.preprocessing`), embedded in batches and scored by one
+fitted classifier. (`codetrain.detect.Detector` is the plain (embedder, classifier) pair this
+class wraps.)
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ from PIL import Image
 from codetrain.classifiers import FittedClassifier
 from codetrain.detect import load_detector
 from codetrain.embed import embed_batches, open_image_file, prepare, prepare_parallel
-from codetrain.evaluate import CLASSIFIERS_DIR, MODEL_FILE
+from codetrain.errors import InvalidInputError
 from codetrain.model import CoDEEmbedder
+from codetrain.runlayout import BundleFiles
 from d3builder.storage.hub import local_folder
 
 ImageInput = Union[Image.Image, str, Path]
 """One image: a PIL image, or the path of an image file."""
 
-HUB_FILES = [MODEL_FILE, "config.json", f"{CLASSIFIERS_DIR}/*"]
+HUB_FILES = [BundleFiles.MODEL, BundleFiles.CONFIG, f"{BundleFiles.CLASSIFIERS}/*"]
 """What `from_pretrained` downloads from a hub repo (not the ONNX file)."""
 
 
@@ -60,13 +63,14 @@ class Detector:
         return cls(embedder, fitted)
 
     def embed(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
-        """L2-normalised embeddings (n, d), in input order; ValueError naming every unreadable image."""
+        """L2-normalised embeddings (n, d), in input order; InvalidInputError (a ValueError) naming every unreadable image."""
         items = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
         failures: list[str] = []
 
         def load(item: tuple[int, ImageInput]) -> torch.Tensor:
             image = item[1]
-            return prepare(image if isinstance(image, Image.Image) else open_image_file(image))
+            return prepare(image if isinstance(image, Image.Image) else open_image_file(image),
+                           preprocessing=self.embedder.preprocessing)
 
         def failed(item: tuple[int, ImageInput], exc: Exception) -> None:
             failures.append(f"image {item[0]} ({item[1]}): {type(exc).__name__}: {exc}")
@@ -74,7 +78,7 @@ class Detector:
         prepared = prepare_parallel(enumerate(items), load, failed, 2 * batch_size)
         chunks = [emb for _, emb in embed_batches(self.embedder, prepared, batch_size)]
         if failures:
-            raise ValueError(f"{len(failures)} unreadable image(s): " + "; ".join(failures))
+            raise InvalidInputError(f"{len(failures)} unreadable image(s): " + "; ".join(failures))
         return np.concatenate(chunks) if chunks else np.zeros((0, self.embedder.embed_dim), np.float32)
 
     def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> list[Prediction]:

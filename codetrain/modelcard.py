@@ -86,7 +86,7 @@ def model_card(
     repo_id: str | None = None,
 ) -> ModelCard:
     """The card: metadata (library timm, license, datasets, model-index) and a body built from results.json."""
-    embedder = bundle_config["embedder"]
+    embedder, pre = bundle_config["embedder"], bundle_config["preprocessing"]
     name = repo_id.split("/")[-1] if repo_id else f"code-{embedder['model_name']}"
     data = ModelCardData(
         model_name=name, library_name="timm", license=license, pipeline_tag="image-feature-extraction",
@@ -114,9 +114,10 @@ def model_card(
         f'model = timm.create_model("{timm_name}", pretrained=True).eval()\n'
         "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))\n"
         'embedding = F.normalize(model(transform(Image.open("photo.jpg").convert("RGB"))[None]), dim=-1)\n```',
-        f"`model.onnx` takes `image` [batch, 3, 224, 224] and returns `embedding` [batch, {embedder['embed_dim']}] "
-        "(checked against PyTorch). Preprocessing everywhere: RGB, shorter side resized to 248 px (bilinear, "
-        "antialiased), 224 px centre crop, ImageNet mean/std.",
+        f"`model.onnx` takes `image` {bundle_config['onnx']['input_shape']} and returns `embedding` "
+        f"{bundle_config['onnx']['output_shape']} (checked against PyTorch). Preprocessing everywhere: RGB, shorter "
+        f"side resized to {pre['resize_shorter_side']} px (bilinear, antialiased), {pre['center_crop']} px centre crop, "
+        f"mean {pre['mean']} and std {pre['std']}.",
         "## Training",
         "\n".join(_training(train_config, results)),
         "## Evaluation",

@@ -11,6 +11,7 @@ crop. Augmentation ops run on PIL images (`d3builder.imaging.augmentations`).
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
@@ -39,8 +40,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 """timm's IMAGENET_DEFAULT_MEAN/STD, copied so loader workers need not import timm (a test checks they agree)."""
 VIEW_KEYS = ("x_r", "x_f", "a_r", "a_f", "g_r", "g_f", "l_r", "l_f")
 
-_MEAN = (np.array(IMAGENET_MEAN, np.float32) * 255).reshape(3, 1, 1)
-_INV_STD = (1 / (np.array(IMAGENET_STD, np.float32) * 255)).reshape(3, 1, 1)
+Stats = tuple[float, float, float]
+"""A per-channel (R, G, B) mean or std."""
 
 Box = tuple[int, int, int, int]
 """A crop (left, top, width, height) in the image's original pixels."""
@@ -70,11 +71,20 @@ def to_uint8(img: Image.Image) -> torch.Tensor:
         return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
-def normalise(x: torch.Tensor, out: np.ndarray | None = None) -> torch.Tensor:
-    """uint8 [C,H,W] (RGB first) to float32 [3,H,W], ImageNet mean/std normalised (into `out` if given)."""
+@functools.lru_cache(maxsize=8)
+def _pixel_stats(mean: Stats, std: Stats) -> tuple[np.ndarray, np.ndarray]:
+    """Mean x 255 and 1 / (std x 255) as [3,1,1] float32 arrays."""
+    return (np.array(mean, np.float32) * 255).reshape(3, 1, 1), (1 / (np.array(std, np.float32) * 255)).reshape(3, 1, 1)
+
+
+def normalise(
+    x: torch.Tensor, out: np.ndarray | None = None, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 [C,H,W] (RGB first) to float32 [3,H,W], mean/std normalised (into `out` if given)."""
+    pixel_mean, pixel_inv_std = _pixel_stats(tuple(mean), tuple(std))
     out = np.empty((3, *x.shape[1:]), np.float32) if out is None else out
-    np.subtract(x[:3].numpy(), _MEAN, out=out, dtype=np.float32)
-    out *= _INV_STD
+    np.subtract(x[:3].numpy(), pixel_mean, out=out, dtype=np.float32)
+    out *= pixel_inv_std
     return torch.from_numpy(out)
 
 
@@ -99,10 +109,13 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[:, top : top + size, left : left + size]
 
 
-def eval_transform(img: Image.Image, size: int = EVAL_SIZE) -> torch.Tensor:
-    """Resize the shorter side to 248, centre-crop 224, normalise: [3,224,224] (training's clean view)."""
+def eval_transform(img: Image.Image, size: int = EVAL_SIZE, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD) -> torch.Tensor:
+    """Resize the shorter side to size x 248/224, centre-crop size, normalise: [3,size,size] (training's clean view).
+
+    Callers with a model use `codetrain.preprocessing.Preprocessing.transform`, which passes the model's values.
+    """
     with single_thread():
-        return normalise(center_crop(resize_short(to_uint8(to_rgb(img)), round(size * RESIZE_RATIO)), size))
+        return normalise(center_crop(resize_short(to_uint8(to_rgb(img)), round(size * RESIZE_RATIO)), size), None, mean, std)
 
 
 def random_resized_crop_box(size: tuple[int, int], scale: tuple[float, float], rng: np.random.Generator) -> Box:
@@ -145,9 +158,13 @@ def open_image(data: bytes) -> Image.Image:
 class ViewMaker:
     """Draws and renders x/a/g/l views of a real and a fake image (only x in eval mode)."""
 
-    def __init__(self, local_size: int = 96, global_size: int = 224, max_ops: int = 2, eval_mode: bool = False) -> None:
+    def __init__(
+        self, local_size: int = 96, global_size: int = EVAL_SIZE, max_ops: int = 2, eval_mode: bool = False,
+        mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD,
+    ) -> None:
         self.local_size, self.global_size, self.max_ops, self.eval_mode = local_size, global_size, max_ops, eval_mode
         self.short_side = round(global_size * RESIZE_RATIO)
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def draw(self, size: tuple[int, int], rng: np.random.Generator) -> ViewPlan:
         """Draw one image's ops and crop boxes (nothing in eval mode)."""
@@ -194,7 +211,7 @@ class ViewMaker:
         plans = self.draw(real.size, rng), self.draw(fake.size, rng)
         with single_thread():
             views = {**self.render(to_rgb(real), plans[0], "r"), **self.render(to_rgb(fake), plans[1], "f")}
-        return {key: normalise(view) for key, view in views.items()}
+        return {key: normalise(view, None, self.mean, self.std) for key, view in views.items()}
 
     def make_encoded(
         self, real: bytes, fake: bytes, rng: np.random.Generator, normalised: bool = True
@@ -210,7 +227,7 @@ class ViewMaker:
         with single_thread():
             for img, plan, tag in zip(images, plans, ("r", "f")):
                 views.update(self.render(self.decode(img, plan), plan, tag))
-        return {key: normalise(view) for key, view in views.items()} if normalised else views
+        return {key: normalise(view, None, self.mean, self.std) for key, view in views.items()} if normalised else views
 
     def decode(self, img: Image.Image, plan: ViewPlan) -> Image.Image:
         """Decode a lazily opened image as RGB, reduced in JPEG draft mode when the plan allows 2x or more."""

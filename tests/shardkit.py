@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageFilter
+from rowkit import d3_row
 from skimage import data as skdata
 from sklearn.datasets import load_sample_images
 
@@ -88,41 +89,15 @@ def make_record(index: int, split: str, seed: int, sizes: Sizes) -> tuple[dict, 
     rng = np.random.default_rng([seed, index])
     rid = record_id(seed, index)
     real = jpeg(photo_crop(rng, draw_size(rng, sizes.real)))
-    row = {
-        "id": rid,
-        "original_prompt": f"a photo number {index}",
-        "positive_prompt": f"a photo number {index}, high quality",
-        "negative_prompt": "",
-        "url": f"http://127.0.0.1/{rid}.jpg",
-        "split": split,
-        "image_real": image_cell(real),
-        "width_real": None,
-        "height_real": None,
-        "encoding_real": "JPEG",
-        "sha256_real": None,
-    }
-    for slot in range(NUM_D3_GENERATORS):
+    fakes = []
+    for _ in range(NUM_D3_GENERATORS):
         size = draw_size(rng, sizes.fake)
-        fake = jpeg(fake_look(photo_crop(rng, size), rng))
-        row.update(
-            {
-                f"model_gen{slot}": MODELS[slot],
-                f"width_gen{slot}": size[0],
-                f"height_gen{slot}": size[1],
-                f"num_inference_steps_gen{slot}": 50,
-                f"filepath_gen{slot}": f"gen{slot}/{rid}.jpg",
-                f"image_gen{slot}": image_cell(fake),
-                f"generator_gen{slot}": GENERATORS[slot],
-                f"seed_gen{slot}": index,
-                f"guidance_scale_gen{slot}": 7.5,
-                f"scheduler_gen{slot}": "DDIMScheduler",
-                f"model_revision_gen{slot}": "main",
-                f"encoding_gen{slot}": "JPEG",
-                f"jpeg_quality_gen{slot}": 90,
-                f"safety_checker_gen{slot}": False,
-                f"watermark_gen{slot}": False,
-            }
-        )
+        fakes.append((jpeg(fake_look(photo_crop(rng, size), rng)), size))
+    row = d3_row(
+        rid, real, fakes, split=split, models=MODELS, generators=GENERATORS,
+        original_prompt=f"a photo number {index}", positive_prompt=f"a photo number {index}, high quality",
+        **{f"seed_gen{slot}": index for slot in range(NUM_D3_GENERATORS)},
+    )
     return row, real
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
+from rowkit import schema_row
 
 from d3builder.recipe.manifest import (
     Manifest,
@@ -120,24 +121,25 @@ def make_stage_inputs(
 
 def _record_row(record: str, split: str, shard: int) -> dict:
     caption = f"a photo number {record}"
-    return {
-        "id": record,
-        "url": f"http://127.0.0.1:9/{record}.jpg",
-        "original_prompt": caption,
-        "positive_prompt": caption,
-        "negative_prompt": "",
-        "split": split,
-        "shard": shard,
-        "selection_hash": int(record) / 1e6,
-        "SAMPLE_ID": int(record),
-        "URL": f"http://127.0.0.1:9/{record}.jpg",
-        "TEXT": caption,
-        "LICENSE": "?",
-        "NSFW": "UNLIKELY",
-        "similarity": 0.33,
-        "WIDTH": 40,
-        "HEIGHT": 30,
-    }
+    return schema_row(
+        RECORD_FEATURES,
+        id=record,
+        url=f"http://127.0.0.1:9/{record}.jpg",
+        original_prompt=caption,
+        positive_prompt=caption,
+        negative_prompt="",
+        split=split,
+        shard=shard,
+        selection_hash=int(record) / 1e6,
+        SAMPLE_ID=int(record),
+        URL=f"http://127.0.0.1:9/{record}.jpg",
+        TEXT=caption,
+        LICENSE="?",
+        NSFW="UNLIKELY",
+        similarity=0.33,
+        WIDTH=40,
+        HEIGHT=30,
+    )
 
 
 def _real_row(record: str, reasons: list[str]) -> dict:
@@ -145,18 +147,19 @@ def _real_row(record: str, reasons: list[str]) -> dict:
     encoding = ("JPEG", "PNG")[int(record) % 2]
     size = SIZES[int(record) % len(SIZES)]
     data = None if failed else image_bytes(int(record), size, encoding)
-    return {
-        "id": record,
-        "url": f"http://127.0.0.1:9/{record}.jpg",
-        "status": "failed" if failed else "success",
-        "error_message": "HTTP 404" if failed else None,
-        "image": image_cell(data, f"{record}.{encoding.lower()}"),
-        "width": None if failed else size[0],
-        "height": None if failed else size[1],
-        "encoding": None if failed else encoding,
-        "sha256": None if failed else hashlib.sha256(data).hexdigest(),
-        "num_bytes": None if failed else len(data),
-    }
+    return schema_row(
+        REAL_FEATURES,
+        id=record,
+        url=f"http://127.0.0.1:9/{record}.jpg",
+        status="failed" if failed else "success",
+        error_message="HTTP 404" if failed else None,
+        image=image_cell(data, f"{record}.{encoding.lower()}"),
+        width=None if failed else size[0],
+        height=None if failed else size[1],
+        encoding=None if failed else encoding,
+        sha256=None if failed else hashlib.sha256(data).hexdigest(),
+        num_bytes=None if failed else len(data),
+    )
 
 
 def _gen_row(record: str, slot: int, generator: str, reasons: list[str]) -> dict:
@@ -164,28 +167,29 @@ def _gen_row(record: str, slot: int, generator: str, reasons: list[str]) -> dict
     encoding = ENCODINGS[(int(record) + slot) % len(ENCODINGS)]
     size = SIZES[(int(record) + slot) % len(SIZES)]
     seed = int(record) * 10 + slot
-    return {
-        "id": record,
-        "generator": generator,
-        "status": "failed" if failed else "success",
-        "error_message": "RuntimeError: out of memory" if failed else None,
-        "image": None if failed else image_cell(image_bytes(seed, size, encoding)),
-        "model": f"tiny/{generator}",
-        "model_revision": f"rev-{slot}",
-        "pipeline": "StableDiffusionPipeline",
-        "scheduler": "PNDMScheduler",
-        "dtype": "float32",
-        "num_inference_steps": 2,
-        "guidance_scale": 7.5,
-        "seed": seed,
-        "width": size[0],
-        "height": size[1],
-        "encoding": encoding,
-        "jpeg_quality": 90 if encoding == "JPEG" else None,
-        "safety_checker": False,
-        "watermark": False,
-        "prompt": f"a photo number {record}",
-        "negative_prompt": "",
-        "software": '{"diffusers": "0.0-test", "torch": "0.0-test"}',
-        "seconds": 0.01,
-    }
+    return schema_row(
+        GEN_FEATURES,
+        id=record,
+        generator=generator,
+        status="failed" if failed else "success",
+        error_message="RuntimeError: out of memory" if failed else None,
+        image=None if failed else image_cell(image_bytes(seed, size, encoding)),
+        model=f"tiny/{generator}",
+        model_revision=f"rev-{slot}",
+        pipeline="StableDiffusionPipeline",
+        scheduler="PNDMScheduler",
+        dtype="float32",
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        seed=seed,
+        width=size[0],
+        height=size[1],
+        encoding=encoding,
+        jpeg_quality=90 if encoding == "JPEG" else None,
+        safety_checker=False,
+        watermark=False,
+        prompt=f"a photo number {record}",
+        negative_prompt="",
+        software='{"diffusers": "0.0-test", "torch": "0.0-test"}',
+        seconds=0.01,
+    )

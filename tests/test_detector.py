@@ -61,7 +61,7 @@ def test_unreadable_images_are_named(setup: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="2 unreadable image") as info:
         det.predict([setup["images"] / GOOD[0], *bad])
     assert all(name in str(info.value) for name in BAD)
-    with pytest.raises(FileNotFoundError, match="no weights file"):
+    with pytest.raises(FileNotFoundError, match="model.safetensors does not exist"):
         Detector.from_pretrained(setup["images"])
     with pytest.raises(FileNotFoundError, match="not a hub repo id"):
         Detector.from_pretrained(setup["root"] / "missing" / "run")

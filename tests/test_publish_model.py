@@ -16,6 +16,7 @@ from shardkit import GENERATORS, make_d3_shards
 
 from codetrain import Detector
 from codetrain.cli import main
+from codetrain.config import EvalConfig
 from codetrain.evaluate import evaluate
 from codetrain.model import create_embedder, load_embedder, save_weights
 from codetrain.publish import publish_model
@@ -32,7 +33,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         make_d3_shards(root / "d3", n, split, seed=seed)
     save_weights(create_embedder("test_vit"), root / "run" / "model.safetensors")
     (root / "run" / "config.yaml").write_text(f"data: {root / 'd3'}\nmodel: test_vit\nmax_steps: 60\nlocal_size: 96\n")
-    evaluate(root / "run", str(root / "d3"), robustness_levels={"jpeg": [50]})
+    evaluate(EvalConfig(run=str(root / "run"), data=str(root / "d3"), robustness_levels={"jpeg": [50]}, progress=False))
     return root / "run"
 
 
@@ -79,15 +80,15 @@ def test_upload_and_its_refusals(run: Path, tmp_path: Path, capsys: pytest.Captu
     assert card.data.model_name == "code-tiny" and 'Detector.from_pretrained("someone/code-tiny")' in card.text
     assert 'timm.create_model("hf-hub:someone/code-tiny"' in card.text
 
-    assert main(["publish", "--run", str(run), "--out", str(tmp_path / "cli"), "--repo", "someone/code-tiny"]) == 2
+    assert main(["publish", "--run", str(run), "--bundle", str(tmp_path / "cli"), "--repo", "someone/code-tiny"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("codetrain publish: no Hugging Face token") and "\n" not in err
+    assert err.startswith("codetrain publish: error: no Hugging Face token") and "\n" not in err
     assert not (tmp_path / "cli").exists(), "nothing is written before the token check"
-    assert main(["publish", "--run", str(run), "--out", str(tmp_path / "up")]) == 2
+    assert main(["publish", "--run", str(run), "--bundle", str(tmp_path / "up")]) == 2
     assert "already exists" in capsys.readouterr().err
     bare = tmp_path / "bare"
     save_weights(create_embedder("test_vit"), bare / "model.safetensors")
-    assert main(["publish", "--run", str(bare), "--out", str(tmp_path / "bare-out")]) == 2
+    assert main(["publish", "--run", str(bare), "--bundle", str(tmp_path / "bare-out")]) == 2
     assert "codetrain evaluate" in capsys.readouterr().err
-    assert main(["publish", "--run", str(run), "--out", str(tmp_path / "cli"), "--license", "cc-by-nc-4.0"]) == 0
+    assert main(["publish", "--run", str(run), "--bundle", str(tmp_path / "cli"), "--license", "cc-by-nc-4.0"]) == 0
     assert ModelCard.load(tmp_path / "cli" / "README.md").data.license == "cc-by-nc-4.0"

@@ -15,6 +15,7 @@ from shardkit import GENERATORS, make_d3_shards
 from transformers import ViTConfig, ViTModel
 
 from codetrain.cli import main
+from codetrain.config import EvalConfig
 from codetrain.evaluate import evaluate
 from codetrain.model import CoDEEmbedder, create_embedder, save_weights
 from codetrain.release import load_release, parse_release_baseline
@@ -110,7 +111,8 @@ def test_release_baseline_joins_our_tables_with_all_three_classifiers(release: d
     make_d3_shards(d3, 6, "test", seed=2)
     save_weights(create_embedder("test_vit"), tmp_path / "run" / "model.safetensors")
     out = tmp_path / "eval"
-    result = evaluate(tmp_path / "run", str(d3), out_dir=out, robustness=False, baselines=[f"code-release:{release['folder']}"])
+    result = evaluate(EvalConfig(run=str(tmp_path / "run"), data=str(d3), eval_dir=str(out), robustness=False,
+                                 baselines=[f"code-release:{release['folder']}"], progress=False))
     classifiers = ["linear", "knn", "ocsvm"]
     assert [(r["detector"], r["classifier"]) for r in result.results] == [("CoDE", c) for c in classifiers] + [
         ("CoDE release", c) for c in classifiers]
@@ -134,6 +136,6 @@ def test_a_bad_release_path_is_one_line_and_exit_2(release: dict, tmp_path: Path
     args = ["evaluate", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "d3"), "--no-robustness"]
     assert main([*args, "--baseline", f"code-release:{missing}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("codetrain: invalid configuration: --baseline") and str(missing) in err and "\n" not in err
+    assert err.startswith("codetrain evaluate: error: --baseline") and str(missing) in err and "\n" not in err
     assert main([*args, "--baseline", f"code-release:{release['folder'] / CLASSIFIER_FILES[0]}"]) == 2
     assert "never pickles" in capsys.readouterr().err and not release["marker"].exists()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
-import io
 import logging
 import os
 import shutil
@@ -21,8 +19,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image as PILImage
-from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from d3builder.download.img2dataset_runner import (
@@ -30,6 +26,7 @@ from d3builder.download.img2dataset_runner import (
     img2dataset_options,
     img2dataset_version,
 )
+from d3builder.imaging.inspection import Inspection, inspect_image
 from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
 from d3builder.recipe.manifest import FetchConfig, Manifest
 from d3builder.storage.layout import DataLayout, shard_name
@@ -42,54 +39,6 @@ SUCCESS, FAILED = "success", "failed"
 REASON_CHARS = 200
 
 log = logging.getLogger(__name__)
-
-JPEG_FORMATS = {"JPEG", "MPO"}
-
-
-@dataclass(frozen=True)
-class Inspection:
-    """What one record's fetched bytes turned out to be (or why there are none)."""
-
-    error: str | None = None
-    width: int | None = None
-    height: int | None = None
-    encoding: str | None = None
-    sha256: str | None = None
-    num_bytes: int | None = None
-
-
-def inspect_image(data: bytes | memoryview, max_bytes: int) -> Inspection:
-    """Decode `data` with Pillow, decompression-bomb guard on: its size and format, or why it is no usable image.
-
-    JPEGs are decoded at 1/8 scale (libjpeg's DCT scaling): every entropy-coded byte is still decoded, so
-    truncated or corrupt data fails exactly as in a full decode, for about half the CPU.
-    """
-    size, digest = len(data), hashlib.sha256(data).hexdigest()
-
-    def failed(reason: str) -> Inspection:
-        return Inspection(error=reason, sha256=digest, num_bytes=size)
-
-    if size == 0:
-        return failed("empty response: the server sent no bytes")
-    if size > max_bytes:
-        return failed(f"too large: {size} bytes, over max_image_bytes={max_bytes}")
-    try:
-        with PILImage.open(io.BytesIO(data)) as image:
-            width, height, encoding = image.width, image.height, image.format
-            limit = PILImage.MAX_IMAGE_PIXELS
-            if limit and width * height > limit:
-                return failed(f"decompression bomb guard: {width}x{height} pixels, over Pillow's {limit}")
-            if encoding in JPEG_FORMATS:
-                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-            image.load()
-            return Inspection(None, width, height, encoding, digest, size)
-    except PILImage.DecompressionBombError as exc:
-        return failed(f"decompression bomb guard: {exc}")
-    except UnidentifiedImageError:
-        return failed(f"not an image Pillow can identify: starts with {bytes(data[:16])!r}")
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means the bytes are no usable image
-        return failed(f"image does not decode: {type(exc).__name__}: {exc}")
-
 
 def failure_reason(message: str) -> str:
     """The part of an error message that names its kind (for counting failures by reason)."""
