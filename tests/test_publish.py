@@ -16,9 +16,10 @@ from PIL import Image
 from stagekit import GENERATORS, make_stage_inputs
 
 from d3builder import cli
+from d3builder.generators.registry import RegistryError
 from d3builder.recipe.manifest import load_manifest
 from d3builder.stages.assemble import assemble_dataset
-from d3builder.stages.publish import publish_dataset
+from d3builder.stages.publish import generator_terms, publish_dataset
 from d3builder.stages.transform_test import transform_test
 from d3builder.storage.card import card_split_counts
 from d3builder.storage.schema import augm_features, d3_features, published_features
@@ -174,3 +175,19 @@ def test_cli_refusals_and_the_upload_call(data, tmp_path: Path, capsys: pytest.C
     assert api.calls[0][1]["repo_type"] == "dataset" and api.calls[1][1]["repo_type"] == "dataset"
     assert api.uploaded == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert 'load_dataset("someone/d3-tiny")' in (out / "README.md").read_text()
+
+
+def test_every_generator_kind_carries_its_licence_into_the_terms(tmp_path: Path) -> None:
+    registry = tmp_path / "gens.yaml"
+    entry = {"kind": "python", "callable": "d3builder.generators.examples.tiny_gan:generate", "sizes": [[64, 64]]}
+    registry.write_text(yaml.safe_dump({"generators": {"tiny-gan": {**entry, "license": "MIT"}}}))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "gan", "output_root": str(tmp_path / "out"), "shard_size": 4,
+                                      "metadata": {"source": "embedded"}, "generators": ["tiny-gan", "sd14"],
+                                      "registry": [str(registry), str(ROOT / "manifests" / "generators.yaml")]}))
+    terms = generator_terms(load_manifest(recipe))
+    assert [(t.slot, t.name, t.license) for t in terms] == [(0, "tiny-gan", "MIT"), (1, "sd14", "CreativeML OpenRAIL-M")]
+    assert terms[1].link == "https://huggingface.co/CompVis/stable-diffusion-v1-4" and terms[0].link == "-"
+    registry.write_text(yaml.safe_dump({"generators": {"tiny-gan": {**entry, "license": ["MIT"]}}}))
+    with pytest.raises(RegistryError, match="entry 'tiny-gan': key 'license': must be a string"):
+        generator_terms(load_manifest(recipe))
