@@ -71,7 +71,10 @@ def publish_model(
     train_config = (yaml.safe_load(train_yaml.read_text(encoding="utf-8")) or {}) if train_yaml.is_file() else {}
     bundle_config = json.loads((folder / BundleFiles.CONFIG).read_text(encoding="utf-8"))
     card = write_model_card(folder, model_card(results, bundle_config, train_config, license, dataset, repo_id))
-    url = upload_folder(folder, repo_id, "model", api) if repo_id else None
+    try:
+        url = upload_folder(folder, repo_id, "model", api) if repo_id else None
+    except HubError as exc:
+        raise InvalidInputError(str(exc)) from exc
     return PublishedModel(folder, card, url)
 
 

@@ -49,3 +49,15 @@ def test_upload_creates_the_repo_and_uploads_the_folder(tmp_path: Path) -> None:
     upload = api.calls[1][1]
     assert (upload["repo_id"], upload["repo_type"], upload["token"]) == ("someone/data", "dataset", "hf_test_token")
     assert Path(upload["folder_path"]) == tmp_path / "out" and api.uploaded == ["README.md", "sub/a.parquet"]
+
+
+@pytest.mark.usefixtures("no_token")
+def test_a_failing_upload_is_one_line_naming_the_folder(tmp_path: Path) -> None:
+    class Refusing(RecordingApi):
+        def upload_folder(self, **kwargs):  # type: ignore[override]
+            raise OSError("403 Forbidden: you cannot write to someone/data\nmore details")
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(HubError, match=r"upload of .*out to someone/data failed \(OSError: 403 Forbidden") as info:
+        upload_folder(tmp_path / "out", "someone/data", "dataset", api=Refusing())
+    assert "\n" not in str(info.value) and "the folder is complete" in str(info.value)

@@ -41,14 +41,22 @@ def check_upload(repo_id: str, api: HfApi | None = None) -> HfApi:
 
 
 def upload_folder(folder: str | Path, repo_id: str, repo_type: str, api: HfApi | None = None, private: bool = False) -> str:
-    """Create `repo_id` (kept if it exists) and upload every file of `folder` in one commit; returns the commit URL."""
+    """Create `repo_id` (kept if it exists) and upload every file of `folder` in one commit; returns the commit URL.
+
+    Any failure of the hub calls (HTTP, network, permissions) becomes one HubError line.
+    """
     api = check_upload(repo_id, api)
     token = hub_token(api)
-    api.create_repo(repo_id, token=token, repo_type=repo_type, private=private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), repo_type=repo_type, token=token,
-        commit_message=f"Upload {Path(folder).name} with d3code",
-    )
+    try:
+        api.create_repo(repo_id, token=token, repo_type=repo_type, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), repo_type=repo_type, token=token,
+            commit_message=f"Upload {Path(folder).name} with d3code",
+        )
+    except Exception as exc:  # noqa: BLE001 - HTTP, network and hub errors all end the same way: one line
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise HubError(f"upload of {folder} to {repo_id} failed ({type(exc).__name__}: {reason}); the folder is "
+                       "complete: upload it again later (--repo, or `hf upload`)") from exc
     return str(getattr(commit, "commit_url", commit))
 
 
