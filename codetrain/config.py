@@ -139,8 +139,10 @@ class EvalConfig:
     robustness_levels: dict[str, list[float]] = knob(
         {family: list(levels) for family, levels in DEFAULT_LEVELS.items()},
         "levels per family: JPEG quality, downscale factor, blur sigma (px), kept crop fraction")
-    baselines: list[str] = knob([], "CLIP linear-probe baselines: clip:MODEL[:WEIGHTS] (open_clip name or config "
-                                    ".json, local weights)", flag="baseline")
+    baselines: list[str] = knob([], "baselines in the same tables: clip:MODEL[:WEIGHTS] (a CLIP linear probe; open_clip "
+                                    "name or config .json, local weights) or code-release:PATH_OR_REPO (the authors' "
+                                    "released backbone, its pickled classifiers never read, all classifiers refitted)",
+                                flag="baseline")
     real_source: str | None = knob(None, "real images for ELSA_D3-layout shards (real/ shards or an image folder)")
     batch_size: int = knob(32, "images per forward pass")
     device: str | None = knob(None, "torch device (default cuda when available)")

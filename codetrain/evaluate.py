@@ -44,6 +44,8 @@ from codetrain.metrics import evaluate_predictions, roc_points
 from codetrain.model import load_embedder
 from codetrain.persistence import classifier_bytes, load_classifier
 from codetrain.preprocessing import preprocessing_of
+from codetrain.release import BASELINE_PREFIX as RELEASE_PREFIX
+from codetrain.release import parse_release_baseline
 from codetrain.report import (
     CSV_COLUMNS,
     ROBUSTNESS_COLUMNS,
@@ -270,8 +272,9 @@ def evaluate(config: EvalConfig, embedder: nn.Module | None = None) -> Evaluatio
     EVAL/classifiers. Each present test split (and the extended set) is scored per
     classifier: accuracy on reals, fakes, overall and per generator, AUC, AP. With
     `robustness`, the fitted classifiers are also scored on `robustness_split` under
-    JPEG/downscale/blur/crop. `baselines` (e.g. "clip:ViT-B-32:/w.safetensors") add
-    linear-probe rows to the same tables.
+    JPEG/downscale/blur/crop. `baselines` add rows to the same tables: a CLIP linear
+    probe ("clip:ViT-B-32:/w.safetensors") or the authors' released backbone with every
+    classifier refitted ("code-release:aimagelab/CoDE").
     """
     try:
         config.validate()
@@ -316,8 +319,9 @@ def _evaluate(config: EvalConfig, embedder: nn.Module | None) -> EvaluationResul
         for base in bases:
             base.to(model_device(model))
             name = detector_name(base)
-            log.info("baseline %s: linear probe", name)
-            extra = _evaluate_detector(base, ("linear",), inputs, config, out / EvalFiles.baseline_classifiers(slug(name)),
+            log.info("baseline %s", name)
+            names = getattr(base, "baseline_classifiers", config.classifiers)  # CLIP: the paper's linear probe only
+            extra = _evaluate_detector(base, names, inputs, config, out / EvalFiles.baseline_classifiers(slug(name)),
                                        out / EvalFiles.cache(slug(name)))
             results += extra.results
             for split, c in extra.curves.items():
@@ -338,13 +342,13 @@ def _evaluate(config: EvalConfig, embedder: nn.Module | None) -> EvaluationResul
 
 
 def _load_baseline(spec: str | nn.Module) -> nn.Module:
-    """A baseline embedder from a spec string ('clip:MODEL[:WEIGHTS]') or as given."""
+    """A baseline embedder from a spec string ('clip:MODEL[:WEIGHTS]', 'code-release:PATH_OR_REPO') or as given."""
     if isinstance(spec, nn.Module):
         return spec
     from codetrain.clip_baseline import parse_baseline
 
     try:
-        return parse_baseline(spec)
+        return parse_release_baseline(spec) if spec.startswith(RELEASE_PREFIX) else parse_baseline(spec)
     except (ValueError, FileNotFoundError) as exc:
         raise InvalidInputError(f"--baseline {spec}: {exc}") from exc
 

@@ -11,6 +11,7 @@ from datasets import load_dataset
 from PIL import Image
 from scriptkit import run_script
 
+from codetrain import Detector
 from d3builder.recipe.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,15 @@ def test_quickstart_end_to_end_and_rerun(tmp_path: Path, capsys: pytest.CaptureF
             assert sorted(subsets) == sorted(["all", "real", *GENERATORS]), (classifier, split)
             assert f"| CoDE | {classifier} | {split} |" in report
     assert str(eval_dir / "report.md") in out
+
+    dataset_dir, model_dir = root / "publish" / "dataset", root / "publish" / "model"
+    assert f"Publishable dataset: {dataset_dir}" in out and f"Hub-ready detector:  {model_dir}" in out
+    published = load_dataset(str(dataset_dir), split="train")
+    assert "image_real" not in published.column_names and len(published) == counts["train"]
+    assert (dataset_dir / "LICENSE.md").is_file() and (dataset_dir / "test_augm").is_dir()
+    assert {"README.md", "config.json", "model.safetensors", "model.onnx"} <= {p.name for p in model_dir.iterdir()}
+    predictions = Detector.from_pretrained(model_dir).predict([dataset[0]["image_real"], dataset[0]["image_gen0"]])
+    assert [p.classifier for p in predictions] == ["linear", "linear"]
 
     before = {p: p.stat().st_mtime_ns for p in (root / "gen").rglob("*.parquet")}
     assert run_script("pipelines/quickstart.py", ["--output-root", str(root), "--train-steps", "6", "--no-progress"]) == 0

@@ -46,7 +46,7 @@ def _features(path: Path) -> Features:
     return features
 
 
-def _split_info(split: str, shards: list[Path]) -> SplitInfo:
+def split_info(split: str, shards: list[Path]) -> SplitInfo:
     rows = num_bytes = 0
     for path in shards:
         meta = pq.ParquetFile(path).metadata
@@ -55,7 +55,7 @@ def _split_info(split: str, shards: list[Path]) -> SplitInfo:
     return SplitInfo(name=split, num_bytes=num_bytes, num_examples=rows)
 
 
-def _configs(splits: dict[str, list[Path]]) -> dict[str, list[str]]:
+def schema_configs(splits: dict[str, list[Path]]) -> dict[str, list[str]]:
     """Splits grouped by schema: the group holding `train` (or the first) is `default`, others named by split."""
     groups: dict[str, list[str]] = {}
     schemas: dict[str, Features] = {}
@@ -117,7 +117,8 @@ def _provenance(assemble_stats: list[dict[str, Any]], generators: list[str]) -> 
             [f"gen{slot}", generator]
             + [
                 ", ".join(sorted(fields.get(k, ()))) or "?"
-                for k in ("model", "model_revision", "pipeline", "scheduler", "dtype", "safety_checker", "watermark")
+                for k in ("model", "model_revision", "pipeline", "scheduler", "num_inference_steps", "guidance_scale",
+                          "dtype", "safety_checker", "watermark")
             ]
         )
     return rows
@@ -131,13 +132,15 @@ def _generation_software(assemble_stats: list[dict[str, Any]]) -> list[str]:
     return sorted(software)
 
 
-def _body(
-    manifest: Manifest, splits: dict[str, list[Path]], infos: dict[str, SplitInfo], configs: dict[str, list[str]]
-) -> str:
+def dataset_sections(
+    manifest: Manifest, splits: dict[str, list[Path]], infos: dict[str, SplitInfo], with_real_images: bool = True
+) -> list[str]:
+    """The card sections both cards share: splits, dropped records, generators, encodings, test_augm, source, software."""
     root = manifest.layout.root
     n = len(manifest.generators)
     assemble_stats, augm_stats = _stats(root, "assemble"), _stats(root, "transform_test")
-    split_rows = [[s, len(splits[s]), infos[s].num_examples, infos[s].num_examples * (n + 1)] for s in splits]
+    per_record = n + int(with_real_images)
+    split_rows = [[s, len(splits[s]), infos[s].num_examples, infos[s].num_examples * per_record] for s in splits]
     reasons: Counter = Counter()
     for stats in assemble_stats:
         reasons.update(stats.get("dropped_by_reason", {}))
@@ -147,14 +150,8 @@ def _body(
     for split, shards in splits.items():
         for side, counts in _encodings(shards).items():
             encoding_rows.append([split, side, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"])
-    other_configs = [name for name in configs if name != "default"]
     augm = augm_stats[0] if augm_stats else {}
     sections = [
-        f"# {manifest.name}: a D3-style paired dataset of real and generated images",
-        "One row per LAION record: its caption, its real image (`image_real`, the exact bytes the server sent) and "
-        f"one image from each of {n} generators (`image_gen0`..`image_gen{n - 1}`), with every column of the published "
-        "ELSA_D3 parquet plus the full generation provenance (seed, guidance, scheduler, model revision, encoding, "
-        "safety checker and watermark switches). Built with `d3builder` (d3code), following arXiv 2407.20337.",
         "## Splits",
         _table(["split", "shards", "records", "images"], split_rows),
         "## Dropped records",
@@ -162,9 +159,11 @@ def _body(
         "A record counts under every reason that applies.",
         _table(["reason", "records"], [[r, c] for r, c in sorted(reasons.items())] or [["none", 0]]),
         "## Generators",
-        "Column slot `gen{i}` holds the i-th generator of the recipe, in this order.",
+        "Column slot `gen{i}` holds the i-th generator of the recipe, in this order, with the generation settings "
+        "its images record (every value seen).",
         _table(
-            ["slot", "generator", "model", "revision", "pipeline", "scheduler", "dtype", "safety checker", "watermark"],
+            ["slot", "generator", "model", "revision", "pipeline", "scheduler", "steps", "guidance", "dtype",
+             "safety checker", "watermark"],
             _provenance(assemble_stats, manifest.generators),
         ),
         "## Encodings",
@@ -192,6 +191,20 @@ def _body(
         _table(["package", "version (assembly)"], [[k, v] for k, v in _versions().items()]),
         "Generation-time software, as recorded in the generated shards:",
         "\n".join(f"- `{s}`" for s in _generation_software(assemble_stats)) or "- not recorded",
+    ]
+    return sections
+
+
+def _body(manifest: Manifest, splits: dict[str, list[Path]], infos: dict[str, SplitInfo], configs: dict[str, list[str]]) -> str:
+    n = len(manifest.generators)
+    other_configs = [name for name in configs if name != "default"]
+    sections = [
+        f"# {manifest.name}: a D3-style paired dataset of real and generated images",
+        "One row per LAION record: its caption, its real image (`image_real`, the exact bytes the server sent) and "
+        f"one image from each of {n} generators (`image_gen0`..`image_gen{n - 1}`), with every column of the published "
+        "ELSA_D3 parquet plus the full generation provenance (seed, guidance, scheduler, model revision, encoding, "
+        "safety checker and watermark switches). Built with `d3builder` (d3code), following arXiv 2407.20337.",
+        *dataset_sections(manifest, splits, infos),
         "## Loading",
         "```python\nfrom datasets import load_dataset\n\n"
         'd3 = load_dataset("path/to/d3")  # or the hub repo id\n'
@@ -203,26 +216,21 @@ def _body(
         'image = Image.open(io.BytesIO(frame.loc[0, "image_gen0"]["bytes"]))\n```',
         "## License",
         "Real images remain under the terms of their owners (see each record's URL and LAION's LICENSE column); "
-        "generated images follow the licenses of their generators. Research use only.",
+        "generated images follow the licenses of their generators. Research use only. This folder holds the real "
+        "image bytes: publish it with `d3builder publish`, which drops them by default.",
     ]
     return "\n\n".join(sections) + "\n"
 
 
-def write_dataset_card(manifest: Manifest, d3_dir: Path | None = None) -> Path:
-    """Write d3/README.md: YAML front matter (dataset_info, configs, license) and a body of counts and provenance."""
-    d3_dir = Path(d3_dir) if d3_dir is not None else manifest.layout.d3_dir()
-    d3_dir.mkdir(parents=True, exist_ok=True)
-    splits = split_shards(d3_dir)
-    infos = {split: _split_info(split, shards) for split, shards in splits.items()}
-    configs = _configs(splits)
-    total = sum(info.num_examples for split, info in infos.items() if split in configs.get("default", ()))
-    card_data = DatasetCardData(
-        license="other",
-        pretty_name=f"{manifest.name} (D3-style real/generated pairs)",
-        task_categories=["image-classification"],
-        tags=["deepfake-detection", "synthetic-images", "laion", "d3"],
-        size_categories=[next((c for limit, c in SIZE_CATEGORIES if total < limit), "1M<n<10M")],
-    )
+def size_category(records: int) -> str:
+    """The hub's size_categories value for a number of records."""
+    return next((c for limit, c in SIZE_CATEGORIES if records < limit), "1M<n<10M")
+
+
+def add_dataset_info(
+    card_data: DatasetCardData, splits: dict[str, list[Path]], infos: dict[str, SplitInfo], configs: dict[str, list[str]]
+) -> None:
+    """Fill `dataset_info` (features, split sizes) and `configs` (data files `{split}/{split}-*.parquet`) of a card."""
     dataset_infos, metadata_configs = {}, {}
     for name, members in configs.items():
         dataset_infos[name] = DatasetInfo(
@@ -234,6 +242,24 @@ def write_dataset_card(manifest: Manifest, d3_dir: Path | None = None) -> Path:
         metadata_configs[name] = {"data_files": [{"split": s, "path": f"{s}/{s}-*.parquet"} for s in members]}
     DatasetInfosDict(dataset_infos).to_dataset_card_data(card_data)
     MetadataConfigs(metadata_configs).to_dataset_card_data(card_data)
+
+
+def write_dataset_card(manifest: Manifest, d3_dir: Path | None = None) -> Path:
+    """Write d3/README.md: YAML front matter (dataset_info, configs, license) and a body of counts and provenance."""
+    d3_dir = Path(d3_dir) if d3_dir is not None else manifest.layout.d3_dir()
+    d3_dir.mkdir(parents=True, exist_ok=True)
+    splits = split_shards(d3_dir)
+    infos = {split: split_info(split, shards) for split, shards in splits.items()}
+    configs = schema_configs(splits)
+    total = sum(info.num_examples for split, info in infos.items() if split in configs.get("default", ()))
+    card_data = DatasetCardData(
+        license="other",
+        pretty_name=f"{manifest.name} (D3-style real/generated pairs)",
+        task_categories=["image-classification"],
+        tags=["deepfake-detection", "synthetic-images", "laion", "d3"],
+        size_categories=[size_category(total)],
+    )
+    add_dataset_info(card_data, splits, infos, configs)
     card = DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n{_body(manifest, splits, infos, configs)}")
     return atomic_write_bytes(d3_dir / "README.md", str(card).encode())
 
@@ -248,4 +274,7 @@ def card_split_counts(card_path: Path) -> dict[str, int]:
     return counts
 
 
-__all__ = ["write_dataset_card", "split_shards", "in_split_order", "card_split_counts"]
+__all__ = [
+    "write_dataset_card", "split_shards", "in_split_order", "card_split_counts", "split_info", "schema_configs",
+    "size_category", "add_dataset_info", "dataset_sections",
+]

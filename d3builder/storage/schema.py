@@ -174,3 +174,18 @@ def augm_features(num_generators: int) -> Features:
     columns["augm_real"] = STRING
     columns.update({f"augm_gen{slot}": STRING for slot in range(num_generators)})
     return Features(columns)
+
+
+REAL_IMAGE_COLUMN = "image_real"
+"""The column holding the real (LAION) image bytes, which the hub copy leaves out by default."""
+
+
+def published_features(features: Features, with_real_images: bool = False) -> Features:
+    """The hub copy of a split's schema (ELSA_D3 style): the real image bytes dropped unless kept.
+
+    `url`, `sha256_real`, `width_real`, `height_real` and `encoding_real` stay, so anyone can
+    fetch the real image again and verify it; every other column is unchanged.
+    """
+    if with_real_images:
+        return features
+    return Features({name: feature for name, feature in features.items() if name != REAL_IMAGE_COLUMN})
