@@ -49,7 +49,8 @@ class TrainConfig:
     weight_decay: float = knob(2e-5, "AdamW weight decay")
     warmup_epochs: float = knob(5.0, "linear warm-up length in epochs (converted to steps)")
     min_lr: float = knob(0.0, "learning rate at the end of the cosine schedule")
-    grad_clip: float | None = knob(1.0, "maximum global gradient norm (none: no clipping)")
+    grad_clip: float | None = knob(None, "maximum global gradient norm; none (the paper) clips nothing, "
+                                         "a number is a departure from the paper")
     precision: str = knob("auto", "auto, fp32, bf16 or fp16 autocast; auto = fp16 on a GPU, "
                                   "bf16 on a CPU with native bf16, else fp32")
     seed: int = knob(42, "seed of the model init, data order, views and derangements")

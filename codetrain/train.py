@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -274,9 +275,10 @@ class Trainer:
             self.progress.batches_in_epoch += 1
         self.scheduler.step_update(self.progress.step)
         lr = self.optimizer.param_groups[0]["lr"]
-        grad_norm = None
-        if config.grad_clip is not None:
-            grad_norm = float(acc.clip_grad_norm_(self.ddp_model.parameters(), config.grad_clip))
+        # The global gradient norm is logged every step; with grad_clip none (the paper) an infinite bound
+        # scales every gradient by exactly 1.0, i.e. leaves it untouched.
+        max_norm = math.inf if config.grad_clip is None else config.grad_clip
+        grad_norm = float(acc.clip_grad_norm_(self.ddp_model.parameters(), max_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
@@ -287,9 +289,7 @@ class Trainer:
             row = dict(zip(keys, values.tolist(), strict=True))
         if self.world > 1:
             skipped = int(acc.reduce(torch.tensor(skipped, device=acc.device), reduction="sum").item())
-        row.update(lr=lr, skipped=skipped)
-        if grad_norm is not None:
-            row["grad_norm"] = grad_norm
+        row.update(lr=lr, skipped=skipped, grad_norm=grad_norm)
         return row
 
     # --- validation --------------------------------------------------------------------------
