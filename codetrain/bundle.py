@@ -22,7 +22,6 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from codetrain.detect import PREPROCESSING
 from codetrain.embed import model_fingerprint
 from codetrain.evaluate import (
     CLASSIFIERS_DIR,
@@ -31,6 +30,7 @@ from codetrain.evaluate import (
     load_fitted_classifiers,
 )
 from codetrain.model import CoDEEmbedder, load_embedder
+from codetrain.views import PREPROCESSING
 from d3builder.storage.layout import safe_name
 from d3builder.storage.shards import atomic_write_bytes, atomic_write_json
 

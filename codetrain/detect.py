@@ -1,7 +1,8 @@
 """Detect generated images among user files with a trained run (or an exported bundle).
 
-Preprocessing (identical to `codetrain evaluate` and to training's clean views): each
-file is opened with Pillow (any format it reads; the first frame of animated or
+Preprocessing (identical, bit for bit, to `codetrain evaluate` and to training's clean
+views: one function, `codetrain.views.decode_rgb` then `eval_transform`): each file is
+decoded with Pillow at full size (any format it reads; the first frame of animated or
 multi-page files), converted to RGB (transparency composited over white, greyscale and
 palette expanded), its shorter side resized to 248 px and a 224x224 centre crop taken
 in one antialiased bilinear resample (small images, e.g. 17x23, are upscaled the same
@@ -23,11 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from codetrain.classifiers import FittedClassifier
-from codetrain.embed import embed_files, model_fingerprint
+from codetrain.embed import embed_files, image_extensions, model_fingerprint
 from codetrain.evaluate import CLASSIFIERS_DIR, MODEL_FILE, load_fitted_classifiers
 from codetrain.model import CoDEEmbedder, load_embedder
 
@@ -35,18 +35,6 @@ log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("path", "score", "label", "classifier")
 """Columns of the detections CSV."""
-
-PREPROCESSING = {
-    "decode": "Pillow, first frame; RGB with transparency composited over white",
-    "resize_shorter_side": 248,
-    "center_crop": 224,
-    "interpolation": "bilinear (antialiased), resize and crop in one resample",
-    "scale": "pixel values / 255",
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-    "layout": "float32 NCHW, batch of [3, 224, 224]",
-}
-"""The preprocessing of evaluate/detect as data (written into bundles' config.json)."""
 
 
 @dataclass(frozen=True)
@@ -84,12 +72,6 @@ class DetectResult:
         return "\n".join(lines)
 
 
-def image_extensions() -> frozenset[str]:
-    """File extensions (lower case, with dot) of every format Pillow can open."""
-    Image.init()
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-
-
 def find_images(paths: Iterable[str | Path], missing: list[tuple[Path, str]]) -> list[Path]:
     """Files named directly, plus files with an image extension under named folders (recursive), sorted.
 
@@ -124,7 +106,7 @@ def load_detector(run_or_bundle: str | Path, classifier: str = "linear") -> tupl
 def _rows(result: DetectResult, batches: Iterator[tuple[list[Path], np.ndarray]], clf: FittedClassifier) -> Iterator[Detection]:
     """Score each batch of embeddings and yield its detections."""
     for paths, emb in batches:
-        for path, score in zip(paths, clf.score(emb)):
+        for path, score in zip(paths, clf.score(emb), strict=True):
             yield Detection(str(path), float(score), "fake" if score > clf.threshold else "real", result.classifier)
 
 
