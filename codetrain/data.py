@@ -21,48 +21,29 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from codetrain.realsource import (
-    RealImageSource,
-    full_name,
-    is_local,
-    join_url,
-    open_parquet,
-)
+from codetrain.realsource import RealImageSource, is_local, open_parquet
+from codetrain.sources import open_source
 from codetrain.views import ViewMaker, normalise
-from d3builder.storage.layout import safe_name
 from d3builder.storage.schema import generator_slots
 
 __all__ = ["D3Records", "RealImageSource", "collate", "list_shards", "record_rng"]
 
 log = logging.getLogger(__name__)
 
-SHARD_PATTERNS = ("{split}/*.parquet", "{split}-*.parquet", "data/{split}-*.parquet", "data/{split}/*.parquet")
-"""Where a split's shards may lie under a data root: ours first, then the Hub's layouts."""
 _PLAN, _ORDER = 0x504C414E, 0x4F524452  # tags keeping the plan and order RNG streams apart
 
 
 def list_shards(data: str | Sequence[str], split: str) -> list[str]:
-    """The sorted shard files of `split` under a local folder or fsspec URL (or an explicit glob/list of them)."""
+    """The sorted files of `split` in a data source (`codetrain.sources`: card, layout, file or glob), or a given list."""
     if not isinstance(data, str):
         return sorted(str(d) for d in data)
-    if data.endswith(".parquet") and not any(c in data for c in "*?["):
-        return [data]
-    fs, root = fsspec.core.url_to_fs(data)
-    if any(c in data for c in "*?["):
-        return sorted(full_name(fs, p) for p in fs.glob(root))
-    safe_name(split, "split")
-    for pattern in SHARD_PATTERNS:
-        found = fs.glob(join_url(root, pattern.format(split=split)))
-        if found:
-            return sorted(full_name(fs, p) for p in found)
-    return []
+    return open_source(data).shards(split)
 
 
 def record_rng(seed: int, epoch: int, record_id: str) -> np.random.Generator:

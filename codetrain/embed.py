@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from codetrain.realsource import RealImageSource, open_parquet
+from codetrain.realsource import RealImageSource, is_shard, open_parquet
 from codetrain.views import decode_rgb, eval_transform
 from d3builder.imaging.augmentations import to_rgb
 from d3builder.storage.schema import generator_slots
@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 REAL_GENERATOR = "real"
 """The generator tag of real images, and the folder name of reals in an image-folder split."""
-SHARD_SUFFIX = ".parquet"
-"""Files of a split with this suffix are shards; any other file is one image."""
 
 CACHE_FORMAT = "codetrain.embeddings/1"
 """Format tag of an embedding cache file (bump when the preprocessing changes)."""
@@ -233,11 +231,6 @@ def _name(row: dict, slot: int) -> str:
         if row.get(key):
             return str(row[key])
     return f"gen{slot}"
-
-
-def is_shard(path: str) -> bool:
-    """Whether a split's file is a Parquet shard (else it is one image file)."""
-    return str(path).lower().endswith(SHARD_SUFFIX)
 
 
 def shard_image_count(shards: Sequence[str]) -> int:

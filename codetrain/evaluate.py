@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from codetrain.classifiers import CLASSIFIERS, FittedClassifier, fit_classifier
-from codetrain.data import RealImageSource, list_shards
+from codetrain.config import ConfigError
+from codetrain.data import RealImageSource
 from codetrain.embed import (
     REAL_GENERATOR,
     Embeddings,
@@ -32,6 +33,7 @@ from codetrain.embed import (
 from codetrain.metrics import evaluate_predictions, roc_points
 from codetrain.model import load_embedder
 from codetrain.persistence import load_classifier, save_classifier
+from codetrain.realsource import require_real_images
 from codetrain.report import (
     CSV_COLUMNS,
     ROBUSTNESS_COLUMNS,
@@ -44,13 +46,26 @@ from codetrain.report import (
     write_csv,
 )
 from codetrain.robustness import DEFAULT_LEVELS, robustness_sweep, validate_levels
+from codetrain.sources import (
+    TEST_VARIANTS,
+    DataSource,
+    Use,
+    default_test_splits,
+    open_source,
+    refuse_shared_files,
+    run_training_files,
+)
 from d3builder.storage.layout import safe_name
+from d3builder.storage.schema import FIT_AUGM_SPLIT
 from d3builder.storage.shards import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CLASSIFIERS = ("linear", "knn", "ocsvm")
+DEFAULT_FIT_SPLIT = FIT_AUGM_SPLIT
+"""The paper fits its classifiers on a held-out, transformed subset: d3builder's fit_augm split."""
 DEFAULT_TEST_SPLITS = ("test", "test_augm")
+SPLIT_FLAGS = "--fit-split and --test-splits (--test-data for another source, e.g. the published test folders)"
 CODE_DETECTOR = "CoDE"
 EXTENDED_SPLIT = "extended"
 MODEL_FILE = "model.safetensors"
@@ -92,22 +107,40 @@ def extended_shards(extended_dir: str | Path) -> list[str]:
     return sorted(str(p) for p in root.glob("*/test-*.parquet"))
 
 
-def collect_test_splits(data_dir: str, test_splits: Sequence[str], extended_dir: str | Path | None) -> dict[str, list[str]]:
-    """The shards of every test split present (missing ones are logged and skipped)."""
-    splits: dict[str, list[str]] = {}
-    for split in test_splits:
-        shards = list_shards(data_dir, safe_name(split, "split"))
-        if shards:
-            splits[split] = shards
-        else:
-            log.warning("no %s shards under %s: split skipped", split, data_dir)
+def fit_description(split: str) -> str:
+    """How the classifiers' fit split relates to the paper's protocol, for the report."""
+    if split == DEFAULT_FIT_SPLIT:
+        return "the held-out, transformed fit subset, as in the paper"
+    return "a departure from the paper, which fits on a held-out, transformed subset (d3builder's fit_augm)"
+
+
+def collect_test_splits(
+    source: DataSource, test_splits: Sequence[str] | None, extended_dir: str | Path | None
+) -> dict[str, list[str]]:
+    """The files of each test split: the named ones (each must exist), else the defaults the source offers.
+
+    The defaults are test and test_augm (a missing one is logged and skipped), else the published
+    test folders no_augm and augm; a source with none of them is refused naming the split flags.
+    """
+    if test_splits is None:
+        names = default_test_splits(source, DEFAULT_TEST_SPLITS)
+        if not names:
+            raise ConfigError(
+                source.given, "--test-splits",
+                f"none of the test splits {', '.join(DEFAULT_TEST_SPLITS + TEST_VARIANTS)} here (splits from "
+                f"{source.found_by}: {source.offered()}); choose the splits with {SPLIT_FLAGS}",
+            )
+        for split in DEFAULT_TEST_SPLITS:
+            if split not in names and names[0] in DEFAULT_TEST_SPLITS:
+                log.warning("no %s split in %s: split skipped", split, source.given)
+    else:
+        names = list(dict.fromkeys(test_splits))
+    splits = {split: source.require(split, "--test-splits", SPLIT_FLAGS) for split in names}
     if extended_dir is not None:
         shards = extended_shards(extended_dir)
         if not shards:
             raise FileNotFoundError(f"no {{generator}}/test-*.parquet shards under {extended_dir}")
         splits[EXTENDED_SPLIT] = shards
-    if not splits:
-        raise FileNotFoundError(f"no test shards under {data_dir} for splits {list(test_splits)}")
     return splits
 
 
@@ -222,8 +255,8 @@ def evaluate(
     run_dir: str | Path,
     data_dir: str,
     out_dir: str | Path | None = None,
-    fit_split: str = "validation",
-    test_splits: Sequence[str] = DEFAULT_TEST_SPLITS,
+    fit_split: str | None = None,
+    test_splits: Sequence[str] | None = None,
     extended_dir: str | Path | None = None,
     classifiers: Sequence[str] = DEFAULT_CLASSIFIERS,
     embedder: nn.Module | None = None,
@@ -236,12 +269,16 @@ def evaluate(
     device: str | None = None,
     tsne: bool = False,
     real_source: RealImageSource | None = None,
+    test_data: str | None = None,
 ) -> EvaluationResult:
     """Evaluate the run's embedder (or `embedder`) with the three classifiers on every test split.
 
-    The fit split gives reals (label 0) and every fake (label 1, tagged with its
-    generator); each classifier is fitted on its embeddings and saved in
-    OUT/classifiers. Each present test split (and the extended set) is scored per
+    `data_dir` (a folder, fsspec URL or hub repo id: `codetrain.sources`) gives the fit split
+    (default fit_augm, the paper's held-out transformed subset) and, unless `test_data` names
+    another source (e.g. the published test folders), the test splits (default test and
+    test_augm, else no_augm and augm). The fit split gives reals (label 0) and every fake
+    (label 1, tagged with its generator); each classifier is fitted on its embeddings and saved in
+    OUT/classifiers. A file is never both fit (or training) and test data. Each test split (and the extended set) is scored per
     classifier: accuracy on reals, fakes, overall and per generator, AUC, AP. With
     `robustness`, the fitted classifiers are also scored on `robustness_split` under
     JPEG/downscale/blur/crop. `baselines` (e.g. "clip:ViT-B-32:/w.safetensors") add
@@ -259,10 +296,17 @@ def evaluate(
         out_dir = run_dir / "eval" if detector == CODE_DETECTOR else run_dir / "eval" / "baselines" / slug(detector)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fit_shards = list_shards(data_dir, safe_name(fit_split, "split"))
-    if not fit_shards:
-        raise FileNotFoundError(f"no {fit_split} shards under {data_dir}: the classifiers are fitted on that split")
-    splits = collect_test_splits(data_dir, test_splits, extended_dir)
+    fit_split = fit_split or DEFAULT_FIT_SPLIT
+    source = open_source(data_dir)
+    fit_shards = source.require(fit_split, "--fit-split", SPLIT_FLAGS)
+    splits = collect_test_splits(open_source(test_data, "--test-data") if test_data else source, test_splits, extended_dir)
+    refuse_shared_files([
+        Use("train", "the run's training split", run_training_files(run_dir)),
+        Use("train", f"the fit split {fit_split!r}", fit_shards),
+        *(Use("test", f"the test split {split!r}", files) for split, files in splits.items()),
+    ], SPLIT_FLAGS)
+    for files in (fit_shards, *splits.values()):
+        require_real_images(files, real_source, data_dir)
     bases = [_load_baseline(spec) for spec in baselines]  # bad specs fail before any embedding
 
     main = _evaluate_detector(model, classifiers, fit_split, fit_shards, splits, out / CLASSIFIERS_DIR,
@@ -335,6 +379,7 @@ def _write_outputs(
     skipped.update({split: emb.skipped for split, emb in main.tests.items()})
     intro = [
         f"Run: `{run_dir}`; data: `{data_dir}`.",
+        f"Fit split: `{fit_split}`, {fit_description(fit_split)}.",
         *(f"{name}: classifiers fitted on `{fit_split}`: {int((e.labels == 0).sum())} real, {int((e.labels == 1).sum())} fake "
           f"({', '.join(sorted(set(e.generators) - {REAL_GENERATOR}))})." for name, e in fits.items()),
         ("Preprocessing: RGB, resize shorter side to 248, centre-crop 224, ImageNet mean/std. "
@@ -347,6 +392,7 @@ def _write_outputs(
         "run": str(run_dir),
         "data": str(data_dir),
         "fit_split": fit_split,
+        "fit_protocol": fit_description(fit_split),
         "fit": {name: {"n_real": int((e.labels == 0).sum()), "n_fake": int((e.labels == 1).sum()),
                        "generators": sorted(set(e.generators) - {REAL_GENERATOR})} for name, e in fits.items()},
         "embedder_sha256": main.fingerprint,
@@ -368,10 +414,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "report.md, results.csv/json, plots and classifiers/ to OUT (default RUN/eval).",
     )
     parser.add_argument("--run", required=True, type=Path, help="run folder holding model.safetensors")
-    parser.add_argument("--data", required=True, help="D3 shard root (D3DIR/{split}/{split}-*.parquet)")
+    parser.add_argument("--data", required=True,
+                        help="dataset folder, file, fsspec URL or hub repo id (elsaEU/ELSA_D3); splits from its card's configs")
+    parser.add_argument("--test-data", help="take the test splits from this source instead (e.g. the published test "
+                                            "folders {no_augm,augm}/{real,gen_0..gen_3}/)")
     parser.add_argument("--extended", help="extended test set root (extended/{generator}/test-*.parquet)")
-    parser.add_argument("--fit-split", default="validation", help="split the classifiers are fitted on")
-    parser.add_argument("--test-splits", nargs="+", default=list(DEFAULT_TEST_SPLITS), metavar="SPLIT")
+    parser.add_argument("--fit-split", help=f"split the classifiers are fitted on (default {DEFAULT_FIT_SPLIT}, the paper's "
+                                            "held-out transformed subset; validation = the clean validation split)")
+    parser.add_argument("--test-splits", nargs="+", metavar="SPLIT",
+                        help="test splits (default test and test_augm, else the published no_augm and augm)")
     parser.add_argument("--classifiers", nargs="+", default=list(DEFAULT_CLASSIFIERS), choices=sorted(CLASSIFIERS))
     parser.add_argument("--out", type=Path, help="output folder (default RUN/eval)")
     parser.add_argument("--robustness", action=argparse.BooleanOptionalAction, default=True,
@@ -382,7 +433,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                             help=f"{family} levels (default {' '.join(f'{v:g}' for v in values)}; none to skip)")
     parser.add_argument("--baseline", action="append", default=[], metavar="clip:MODEL[:WEIGHTS]",
                         help="add a CLIP linear-probe baseline (open_clip model name or config .json, local weights)")
-    parser.add_argument("--real-source", help="real images for ELSA_D3-layout shards (real/ shards or a folder)")
+    parser.add_argument("--real-source", help="real images for ELSA_D3-layout shards (fetch-real's real/ shards or a folder)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", help="torch device (default cuda when available)")
     parser.add_argument("--tsne", action="store_true", help="also draw t-SNE maps (slow)")
@@ -397,6 +448,7 @@ def _run(args: argparse.Namespace) -> int:
         args.run, args.data, args.out, args.fit_split, args.test_splits, args.extended, args.classifiers,
         robustness=args.robustness and bool(levels), robustness_levels=levels, robustness_split=args.robustness_split,
         baselines=args.baseline, batch_size=args.batch_size, device=args.device, tsne=args.tsne, real_source=real_source,
+        test_data=args.test_data,
     )
     print(result.report)
     print(f"\nwritten to {result.out_dir}")

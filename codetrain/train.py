@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from codetrain import checkpoint as ckpt
-from codetrain.config import TrainConfig, save_config
+from codetrain.config import ConfigError, TrainConfig, save_config
 from codetrain.losses import GLOBAL_KEYS, LOCAL_KEYS, LossOutput, code_loss
 from codetrain.model import CoDEEmbedder, create_embedder, load_weights, save_weights
 from codetrain.runlog import RunLog, plot_loss_curve
@@ -145,7 +145,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         """Build everything; on `config.resume` restore the newest checkpoint."""
-        from codetrain.data import D3Records, RealImageSource, collate, list_shards
+        from codetrain.data import D3Records, RealImageSource, collate
+        from codetrain.realsource import require_real_images
+        from codetrain.sources import Use, open_source, refuse_shared_files
         from codetrain.views import ViewMaker
 
         config.validate()
@@ -158,9 +160,13 @@ class Trainer:
         set_seed(config.seed)
         self.model: CoDEEmbedder = create_embedder(config.model, config.img_size)
         self.real_source = RealImageSource(config.real_source) if config.real_source else None
-        shards = list_shards(config.data, config.train_split)
-        if not shards:
-            raise ValueError(f"no {config.train_split} shards under {config.data}")
+        source = open_source(config.data)
+        flags = "--train-split and --val-split (none: no validation)"
+        shards = source.require(config.train_split, "--train-split", flags)
+        self.val_shards = source.shards(config.val_split) if config.val_split else []
+        refuse_shared_files([Use("train", f"the train split {config.train_split!r}", shards),
+                             Use("validation", f"the validation split {config.val_split!r}", self.val_shards)], flags)
+        require_real_images(shards, self.real_source, config.data)
         self.dataset = D3Records(
             shards, seed=config.seed, shuffle_buffer=config.shuffle_buffer,
             views=ViewMaker(local_size=config.local_size, global_size=config.img_size, max_ops=config.max_ops),
@@ -300,7 +306,7 @@ class Trainer:
 
         if self.config.val_split is None:
             return None
-        embedded = validation_embeddings(self.model, self.config, self.accelerator, self.real_source)
+        embedded = validation_embeddings(self.model, self.val_shards, self.config, self.accelerator, self.real_source)
         result: list[dict[str, Any] | None] = [None]
         if self.accelerator.is_main_process:
             if embedded is None:
@@ -341,7 +347,7 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         while p.epoch < config.epochs and p.step < self.total_steps and not stopped_early:
             batches = self._epoch_batches() if not self._epoch_full() else iter(())
-            stream_ended = False
+            stream_ended, fresh_epoch, epoch_start_step = False, p.batches_in_epoch == 0, p.step
             while p.step < self.total_steps and not self._epoch_full():
                 row = self._optimizer_step(batches)
                 if row is None:
@@ -362,6 +368,8 @@ class Trainer:
                     self.save_checkpoint()
                     last_saved = p.step
             del batches
+            if stream_ended and fresh_epoch and p.step == epoch_start_step:
+                self._refuse_empty_epoch()
             if stream_ended or self._epoch_full():
                 started = time.perf_counter()
                 metrics = self.validate()
@@ -378,6 +386,17 @@ class Trainer:
             self.save_checkpoint()
         bar.close()
         return self._finish(stopped_early)
+
+    def _refuse_empty_epoch(self) -> None:
+        """A whole epoch gave no batch (every record skipped, or fewer usable than a batch): stop before any model is written."""
+        reals = f"; the reals were looked for in {self.real_source.describe()}" if self.real_source is not None else ""
+        if self.runlog is not None:
+            self.runlog.close()
+        raise ConfigError(
+            self.config.data, "--real-source" if self.real_source is not None else "--data",
+            f"no training step could run: of the {self.dataset.total} records, fewer than a batch "
+            f"({self.config.batch_size}) were usable, the others skipped (each logged with its reason){reals}",
+        )
 
     def _epoch_full(self) -> bool:
         """Whether an explicit `steps_per_epoch` has been reached in the current epoch."""

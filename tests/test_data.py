@@ -61,7 +61,9 @@ def dataset(shards: list[str], **kw) -> D3Records:
 def test_list_shards_finds_our_layout_and_hub_layouts(d3dir: Path, shards: list[str], tmp_path: Path) -> None:
     assert shards == sorted(str(p) for p in (d3dir / "train").glob("*.parquet")) and len(shards) == 3
     assert list_shards(str(d3dir), "validation") == []
-    assert list_shards(str(d3dir / "train" / "*-0000[01].parquet"), "ignored") == shards[:2]
+    # a glob offers the splits its file names start with, never its files as any split asked for
+    assert list_shards(str(d3dir / "train" / "*-0000[01].parquet"), "train") == shards[:2]
+    assert list_shards(str(d3dir / "train" / "*-0000[01].parquet"), "test") == []
     flat = tmp_path / "data"
     flat.mkdir()
     (flat / "train-00000-of-00001.parquet").write_bytes(Path(shards[0]).read_bytes())

@@ -20,6 +20,7 @@ from shardkit import (
 )
 
 from codetrain.cli import main
+from codetrain.config import ConfigError
 from codetrain.data import RealImageSource
 from codetrain.embed import (
     Embeddings,
@@ -68,10 +69,10 @@ def tiny_run(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """D3 shards (validation 12, test 8 in 2 shards, test_augm 6 with one corrupt fake), extended set, run."""
+    """D3 shards (fit_augm 12, test 8 in 2 shards, test_augm 6 with one corrupt fake), extended set, run."""
     root = tmp_path_factory.mktemp("eval")
     d3 = root / "d3"
-    make_d3_shards(d3, 12, "validation", seed=1)
+    make_d3_shards(d3, 12, "fit_augm", seed=1)
     make_d3_shards(d3, 8, "test", seed=2, shard_size=4)
     augm_ids = write_split(d3, "test_augm", 6, seed=3, corrupt=CORRUPT_ID_INDEX)
     write_extended(root / "ext", 4, seed=4)
@@ -100,7 +101,7 @@ def test_every_output_file_is_written(result: EvaluationResult, data: dict[str, 
     for name in ("linear", "knn", "ocsvm"):
         assert (out / "classifiers" / f"{name}.skops").is_file()
     assert sorted(p.name for p in (out / "cache" / "code").glob("*.safetensors")) == [
-        "extended.safetensors", "test.safetensors", "test_augm.safetensors", "validation.safetensors"]
+        "extended.safetensors", "fit_augm.safetensors", "test.safetensors", "test_augm.safetensors"]
 
 
 def test_rows_cover_every_classifier_split_and_exactly_the_data_generators(result: EvaluationResult) -> None:
@@ -132,7 +133,9 @@ def test_csv_json_and_markdown_agree_with_the_rows(result: EvaluationResult, dat
     saved = json.loads((out / "results.json").read_text())
     assert saved["results"] == json.loads(json.dumps(result.results))
     assert saved["fit"]["CoDE"] == {"n_real": 12, "n_fake": 48, "generators": sorted(GENERATORS)}
+    assert saved["fit_split"] == "fit_augm" and saved["fit_protocol"] == "the held-out, transformed fit subset, as in the paper"
     report = (out / "report.md").read_text()
+    assert "Fit split: `fit_augm`, the held-out, transformed fit subset, as in the paper." in report
     assert report.strip() == result.report.strip()
     for heading in ("## Summary", "## Accuracy per generator: test", "## Accuracy per generator: test_augm",
                     "## Accuracy per generator: extended", "## Robustness (test)", "## Skipped images", "## Plots"):
@@ -208,10 +211,10 @@ def test_elsa_layout_takes_reals_from_a_real_source_and_names_generators_by_mode
     files = write_real_sources(tmp_path / "r5", 6, seed=5)[1]
     for path in write_real_sources(tmp_path / "r6", 4, seed=6)[1].iterdir():
         path.rename(files / path.name)
-    with pytest.raises(ValueError, match="ELSA_D3 layout"):
-        evaluate(data["run"], str(d3), out_dir=tmp_path / "out", classifiers=("linear",), robustness=False)
-    result = evaluate(data["run"], str(d3), out_dir=tmp_path / "out", classifiers=("linear",), robustness=False,
-                      real_source=RealImageSource(str(files)))
+    with pytest.raises(ConfigError, match="--real-source: .* carry no real image .*ELSA_D3 layout"):
+        evaluate(data["run"], str(d3), out_dir=tmp_path / "out", fit_split="validation", classifiers=("linear",), robustness=False)
+    result = evaluate(data["run"], str(d3), out_dir=tmp_path / "out", fit_split="validation", classifiers=("linear",),
+                      robustness=False, real_source=RealImageSource(str(files)))
     row = result.results[0]
     assert (row["split"], row["n_real"], row["n_fake"]) == ("test", 4, 16)
     assert set(row["per_generator"]) == set(MODELS)
@@ -219,11 +222,11 @@ def test_elsa_layout_takes_reals_from_a_real_source_and_names_generators_by_mode
 
 def test_missing_fit_split_and_unknown_classifier_are_clear_errors(tmp_path: Path, data: dict[str, Path]) -> None:
     make_d3_shards(tmp_path / "d3", 2, "test")
-    with pytest.raises(FileNotFoundError, match="validation"):
+    with pytest.raises(ConfigError, match="--fit-split: no 'fit_augm' split here .*: test\\); choose the splits with --fit-split"):
         evaluate(data["run"], str(tmp_path / "d3"), out_dir=tmp_path / "out")
     with pytest.raises(ValueError, match="svm"):
         evaluate(data["run"], str(data["d3"]), out_dir=tmp_path / "out", classifiers=("svm",))
-    with pytest.raises(FileNotFoundError, match="no test shards"):
+    with pytest.raises(ConfigError, match="--test-splits: no 'nope' split here"):
         evaluate(data["run"], str(data["d3"]), out_dir=tmp_path / "out", test_splits=("nope",))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -17,6 +16,7 @@ from datasets import Features
 from tqdm import tqdm
 
 from d3builder.storage.card import card_split_counts, in_split_order
+from d3builder.storage.layout import split_prefix
 from d3builder.storage.schema import (
     AUGM_SPLITS,
     SOURCE_SPLIT,
@@ -29,7 +29,6 @@ from d3builder.storage.shards import DEFAULT_ROW_GROUP_SIZE, decode_image
 
 SOURCE_OF = {augm: split for split, augm in AUGM_SPLITS.items()}
 """The split each transformed split copies (test_augm: test, fit_augm: fit): the only one its ids may also be in."""
-_SPLIT_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9_]*?)-\d")
 
 
 @dataclass(frozen=True)
@@ -202,8 +201,7 @@ def _check_row(
 
 
 def _group_of(path: Path, d3_dir: Path) -> str:
-    match = _SPLIT_PREFIX.match(path.stem)
-    return match.group(1) if match else path.parent.name if path.parent != d3_dir else "data"
+    return split_prefix(path.stem) or (path.parent.name if path.parent != d3_dir else "data")
 
 
 def find_shards(data_dir: Path) -> tuple[Path, dict[str, list[Path]]]:

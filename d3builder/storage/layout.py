@@ -31,6 +31,15 @@ def shard_name(shard: int) -> str:
     return f"{shard:05d}"
 
 
+_SPLIT_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9_]*?)-\d")
+
+
+def split_prefix(file_name: str) -> str | None:
+    """The split a shard file's name starts with (`train-00000-of-00002.parquet`: train), or None."""
+    match = _SPLIT_PREFIX.match(file_name)
+    return match.group(1) if match else None
+
+
 def shard_number(path: Path) -> int:
     """The shard number of a `{k}.parquet` or `{split}-{k}.parquet` file."""
     return int(path.stem.rsplit("-", 1)[-1])
