@@ -281,7 +281,7 @@ class D3Records(IterableDataset):
                 if a < b:
                     positions = needed[a:b].tolist()
                     rows = [p - piece.start + piece.lo for p in positions]
-                    held.update(zip(positions, self._load(files, piece, rows)))
+                    held.update(zip(positions, self._load(files, piece, rows), strict=True))
             yield held.pop(position)
 
     def _load(self, files: dict[int, pq.ParquetFile], piece: Piece, rows: list[int]) -> list[Loaded]:

@@ -136,7 +136,7 @@ class RealImageSource:
             for group in range(parquet.num_row_groups):
                 table = parquet.read_row_group(group, columns=["id", "status"])
                 ok = pc.equal(table["status"], OK_STATUS).to_pylist()
-                for row, (rid, good) in enumerate(zip(table["id"].to_pylist(), ok)):
+                for row, (rid, good) in enumerate(zip(table["id"].to_pylist(), ok, strict=True)):
                     if good and rid is not None:
                         index[rid] = (k, group, row)
         return index
