@@ -28,10 +28,11 @@ def knob(default: Any, help_text: str) -> Any:
 class TrainConfig:
     """Settings of one CoDE training run (defaults = the paper's, with 96 px local crops)."""
 
-    data: str = knob("", "D3 shard root ({data}/{split}/{split}-*.parquet): a local folder or an fsspec URL")
+    data: str = knob("", "training data: a dataset folder (splits from its card's configs, else {split}/*.parquet), "
+                         "a file or glob, an fsspec URL, or a hub dataset repo id (elsaEU/ELSA_D3)")
     out: str = knob("runs/code", "run folder: checkpoints, metrics, config.yaml, model.safetensors")
-    real_source: str | None = knob(None, "real images for the published ELSA_D3 layout (no image_real): "
-                                         "a real/ shard folder or an image folder")
+    real_source: str | None = knob(None, "real images for shards without image_real (the published ELSA_D3 layout): "
+                                         "fetch-real's real/ shard folder or a folder of {id}.<ext> files")
     train_split: str = knob("train", "split trained on")
     val_split: str | None = knob("validation", "split embedded for the linear probe each epoch; none disables it")
     model: str = knob("vit_tiny_patch16_224", "timm model name (trained from scratch)")
