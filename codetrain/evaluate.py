@@ -277,10 +277,10 @@ def evaluate(
     (default fit_augm, the paper's held-out transformed subset) and, unless `test_data` names
     another source (e.g. the published test folders), the test splits (default test and
     test_augm, else no_augm and augm). The fit split gives reals (label 0) and every fake
-    (label 1, tagged with its generator); each classifier is fitted on its embeddings and saved in
-    OUT/classifiers. A file is never both fit (or training) and test data. Each test split (and the extended set) is scored per
-    classifier: accuracy on reals, fakes, overall and per generator, AUC, AP. With
-    `robustness`, the fitted classifiers are also scored on `robustness_split` under
+    (label 1, tagged with its generator); each classifier is fitted on its embeddings and
+    saved in OUT/classifiers. A file is never both fit (or training) and test data. Each test
+    split (and the extended set) is scored per classifier: accuracy on reals, fakes, overall
+    and per generator, AUC, AP. With `robustness`, the fitted classifiers are also scored on `robustness_split` under
     JPEG/downscale/blur/crop. `baselines` (e.g. "clip:ViT-B-32:/w.safetensors") add
     linear-probe rows to the same tables.
     """
@@ -294,8 +294,6 @@ def evaluate(
     detector = detector_name(model)
     if out_dir is None:
         out_dir = run_dir / "eval" if detector == CODE_DETECTOR else run_dir / "eval" / "baselines" / slug(detector)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fit_split = fit_split or DEFAULT_FIT_SPLIT
     source = open_source(data_dir)
     fit_shards = source.require(fit_split, "--fit-split", SPLIT_FLAGS)
@@ -307,6 +305,8 @@ def evaluate(
     ], SPLIT_FLAGS)
     for files in (fit_shards, *splits.values()):
         require_real_images(files, real_source, data_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     bases = [_load_baseline(spec) for spec in baselines]  # bad specs fail before any embedding
 
     main = _evaluate_detector(model, classifiers, fit_split, fit_shards, splits, out / CLASSIFIERS_DIR,
