@@ -10,7 +10,9 @@ Every choice comes from hashes of (SAMPLE_ID, seed), never from file order:
   records chosen before.
 - duplicates (same SAMPLE_ID, or same URL) are resolved greedily in hash order: the row with the
   smallest (selection_hash, content digest) is kept, later ones are dropped.
-- split = an independent hash of (id, seed, "split") against the cumulative split fractions.
+- split = an independent hash of (id, seed, "split") against the cumulative split fractions, in
+  SPLITS order (train, fit, validation, test): a recipe that adds `fit` by taking its share from
+  train's moves train records only.
 
 Records are ordered by selection hash and cut into `records/{k}.parquet` shards of shard_size.
 Input is streamed batch by batch; memory holds only sampled candidates: with max_records a heap of
