@@ -62,7 +62,8 @@ def test_two_processes_split_records_and_keep_weights_in_sync(tmp_path: Path) ->
     config = dict(data=str(data), out=str(run), model="test_vit", img_size=64, local_size=32, batch_size=8,
                   epochs=2, checkpoint_every=2, keep_checkpoints=0, log_every=1, progress=False, tensorboard=False,
                   precision="fp32", warmup_epochs=0.5, val_batch_size=32, cpu=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    tests = Path(__file__).resolve().parent  # the workers import this checkout (not another install) and shardkit
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            __file__, json.dumps(config), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
