@@ -85,7 +85,7 @@ def test_order_is_fixed_by_seed_and_epoch_and_independent_of_workers(shards: lis
     first = run(ds)
     with_workers = run(dataset(shards), workers=2)
     assert [s["id"] for s in with_workers] == [s["id"] for s in first]
-    for a, b in zip(first, with_workers):
+    for a, b in zip(first, with_workers, strict=True):
         assert a["generator"] == b["generator"] in GENERATORS and all(torch.equal(a[k], b[k]) for k in VIEW_KEYS)
     ds.set_epoch(1)
     second = run(ds)
@@ -111,7 +111,7 @@ def test_resume_gives_exactly_the_remaining_records_with_identical_views(shards:
         assert resumed.state_dict() == saved
         rest = run(resumed, workers=workers)
         assert [s["id"] for s in rest] == [s["id"] for s in reference[consumed:]]
-        for a, b in zip(rest, reference[consumed:]):
+        for a, b in zip(rest, reference[consumed:], strict=True):
             assert all(torch.equal(a[k], b[k]) for k in VIEW_KEYS)
     with pytest.raises(ValueError, match="seed"):
         resumed.load_state_dict({**saved, "seed": 9})
