@@ -78,7 +78,7 @@ def record_rows(base: str, count: int) -> list[dict]:
     for i in range(count):
         url = f"{base}/{i:05d}.jpg"
         rows.append({
-            "id": f"r{i:05d}", "url": url, "original_prompt": "an astronaut", "positive_prompt": "an astronaut",
+            "id": f"r{i:05d}", "url": url, "alternate_urls": [], "original_prompt": "an astronaut", "positive_prompt": "an astronaut",
             "negative_prompt": "", "split": "train", "shard": 0, "selection_hash": 0.5, "SAMPLE_ID": i, "URL": url,
             "TEXT": "an astronaut", "LICENSE": "?", "NSFW": "UNLIKELY", "similarity": 0.3, "WIDTH": 0, "HEIGHT": 0,
         })  # fmt: skip
@@ -134,7 +134,7 @@ def main() -> None:
         "--repeats", type=int, default=3, help="runs of each, alternating which goes first; medians reported"
     )
     args = parser.parse_args()
-    fetch = FetchConfig(processes=args.processes, threads=args.threads)
+    fetch = FetchConfig(processes=args.processes, threads=args.threads, allow_private_addresses=True)  # loopback
     import_download()  # both runs then start with img2dataset already imported in this process
     with tempfile.TemporaryDirectory(prefix="bench-fetch-real-") as tmp:
         work = Path(tmp)

@@ -47,7 +47,7 @@ def record_row(index: int, shard: int) -> dict:
     record = str(2_000_000 + index)
     return {
         "id": record, "url": f"http://127.0.0.1:9/{record}.jpg", "original_prompt": caption,
-        "positive_prompt": caption, "negative_prompt": "", "split": "train", "shard": shard,
+        "positive_prompt": caption, "negative_prompt": "", "split": "train", "shard": shard, "alternate_urls": [],
         "selection_hash": index / 1e6, "SAMPLE_ID": int(record), "URL": f"http://127.0.0.1:9/{record}.jpg",
         "TEXT": caption, "LICENSE": "?", "NSFW": "UNLIKELY", "similarity": 0.33, "WIDTH": 512, "HEIGHT": 512,
     }

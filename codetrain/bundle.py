@@ -1,9 +1,10 @@
 """Export a run for deployment: the embedder as ONNX (checked against onnxruntime) and a self-contained bundle.
 
-A bundle folder holds model.safetensors, model.onnx, classifiers/ (skops files and
-classifiers.json), config.json (embedder config, classifier thresholds, the
-preprocessing, ONNX input/output names, file hashes) and, when the run has one, the
-training config as train_config.yaml. `codetrain detect --run BUNDLE` loads it.
+A bundle folder (names in `codetrain.runlayout.BundleFiles`) holds model.safetensors,
+model.onnx, classifiers/ (skops files and classifiers.json), config.json (embedder config,
+classifier thresholds, the preprocessing detection applies, ONNX input/output names, file
+hashes) and, when the run has one, the training config as train_config.yaml.
+`codetrain detect --bundle BUNDLE` loads it. The run and the bundle may be fsspec URLs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,29 +25,25 @@ import onnxruntime as ort
 import torch
 
 from codetrain.embed import model_fingerprint
-from codetrain.evaluate import (
-    CLASSIFIERS_DIR,
-    MANIFEST,
-    MODEL_FILE,
-    load_fitted_classifiers,
-)
+from codetrain.errors import OutputExistsError, reports_user_errors
+from codetrain.evaluate import load_fitted_classifiers, read_classifier_manifest
 from codetrain.model import CoDEEmbedder, load_embedder
-from codetrain.views import PREPROCESSING
+from codetrain.runlayout import BundleFiles, ClassifierFiles, RunLayout
+from codetrain.storage import Location, Store
 from d3builder.storage.layout import safe_name
 from d3builder.storage.shards import atomic_write_bytes, atomic_write_json
 
 BUNDLE_FORMAT = "codetrain.bundle/1"
-ONNX_FILE = "model.onnx"
 INPUT_NAME, OUTPUT_NAME = "image", "embedding"
 DEFAULT_OPSET = 17
 ONNX_ATOL = 1e-4
 """Largest allowed |onnxruntime - torch| difference of any embedding component."""
 
 
-def _weights(run_or_file: str | Path) -> Path:
-    """The model.safetensors of a run folder, or the file itself."""
-    path = Path(run_or_file)
-    return path / MODEL_FILE if path.is_dir() else path
+def _weights(run_or_file: str | Path) -> str:
+    """The model.safetensors of a run folder, or the file itself (local path or URL)."""
+    store = Store.open(run_or_file)
+    return store.url if store.is_file("") else store.location_text(RunLayout.MODEL)
 
 
 def to_onnx_bytes(model: CoDEEmbedder, opset: int = DEFAULT_OPSET) -> bytes:
@@ -97,39 +95,44 @@ def sha256_file(path: Path) -> str:
 
 def make_bundle(
     run_dir: str | Path, out_dir: str | Path, eval_dir: str | Path | None = None, overwrite: bool = False, opset: int = DEFAULT_OPSET
-) -> Path:
+) -> Location:
     """Assemble a bundle from a run and its fitted classifiers (EVAL/classifiers, default RUN/eval).
 
-    The bundle is built in a temporary sibling folder and renamed into place, so
-    `out_dir` is either the complete bundle or untouched.
+    A local bundle is built in a temporary sibling folder and renamed into place, so
+    `out_dir` is either the complete bundle or untouched; a remote one is uploaded file by
+    file, config.json (which lists every file with its hash) last.
     """
-    run, out = Path(run_dir), Path(out_dir)
+    run, out = RunLayout.open(run_dir).store, Store.open(out_dir)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (use overwrite / --force to replace it)")
-    model = load_embedder(_weights(run))
+        raise OutputExistsError(f"{out.url} already exists (use overwrite / --force to replace it)")
+    model = load_embedder(_weights(run_dir))
     fingerprint = model_fingerprint(model)
-    source = Path(eval_dir or run / "eval") / CLASSIFIERS_DIR
+    source = (Store.open(eval_dir) if eval_dir is not None else run.child(RunLayout.EVAL)).child(BundleFiles.CLASSIFIERS)
     load_fitted_classifiers(source, None, fingerprint)  # refuses missing, foreign or stale classifiers
-    manifest = json.loads((source / MANIFEST).read_text(encoding="utf-8"))
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / CLASSIFIERS_DIR).mkdir(parents=True)
+    manifest = read_classifier_manifest(source)
+    parent = out.local_path().parent if out.is_local else Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(out.root).name}.tmp-", dir=parent))
     try:
-        shutil.copyfile(_weights(run), tmp / MODEL_FILE)
-        atomic_write_bytes(tmp / ONNX_FILE, to_onnx_bytes(model, opset))
-        diff = check_onnx(model, tmp / ONNX_FILE)
-        for name in [MANIFEST, *(safe_name(c["file"], "classifier file") for c in manifest["classifiers"].values())]:
-            shutil.copyfile(source / name, tmp / CLASSIFIERS_DIR / name)
-        if (run / "config.yaml").is_file():
-            shutil.copyfile(run / "config.yaml", tmp / "train_config.yaml")
+        atomic_write_bytes(tmp / BundleFiles.MODEL, Store.open(_weights(run_dir)).read_bytes(""))
+        atomic_write_bytes(tmp / BundleFiles.ONNX, to_onnx_bytes(model, opset))
+        diff = check_onnx(model, tmp / BundleFiles.ONNX)
+        names = [ClassifierFiles.MANIFEST, *(safe_name(c["file"], "classifier file") for c in manifest["classifiers"].values())]
+        for name in names:
+            atomic_write_bytes(tmp / BundleFiles.CLASSIFIERS / name, source.read_bytes(name))
+        if run.exists(RunLayout.CONFIG):
+            atomic_write_bytes(tmp / BundleFiles.TRAIN_CONFIG, run.read_bytes(RunLayout.CONFIG))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        atomic_write_json(tmp / "config.json", _config(model, fingerprint, manifest, diff, opset, files, tmp))
+        atomic_write_json(tmp / BundleFiles.CONFIG, _config(model, fingerprint, manifest, diff, opset, files, tmp))
         if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            out.remove("", recursive=True)
+        if out.is_local:
+            os.replace(tmp, out.local_path())
+        else:
+            out.upload(tmp, last=[BundleFiles.CONFIG])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return out.location()
 
 
 def _config(model: CoDEEmbedder, fingerprint: str, manifest: dict, diff: float, opset: int, files: list[Path], root: Path) -> dict[str, Any]:
@@ -139,14 +142,14 @@ def _config(model: CoDEEmbedder, fingerprint: str, manifest: dict, diff: float, 
         "embedder": model.config(),
         "embedder_sha256": fingerprint,
         "classifiers": manifest,
-        "preprocessing": PREPROCESSING,
+        "preprocessing": model.preprocessing.describe(),
         "onnx": {
-            "file": ONNX_FILE, "input": INPUT_NAME, "output": OUTPUT_NAME, "opset": opset,
+            "file": BundleFiles.ONNX, "input": INPUT_NAME, "output": OUTPUT_NAME, "opset": opset,
             "input_shape": ["batch", 3, model.img_size, model.img_size], "output_shape": ["batch", model.embed_dim],
             "max_abs_diff_vs_torch": diff,
         },
         "files": {p.relative_to(root).as_posix(): sha256_file(p) for p in files},
-        "usage": "codetrain detect --run BUNDLE IMAGES_OR_FOLDERS... [--classifier linear]",
+        "usage": "codetrain detect --bundle BUNDLE IMAGES_OR_FOLDERS... [--classifier linear]",
     }
 
 
@@ -156,20 +159,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="export a run as ONNX plus a detection bundle (weights, classifiers, preprocessing)",
         description="Write BUNDLE with model.safetensors, model.onnx (checked against onnxruntime), classifiers/ and "
-        "config.json; `codetrain detect --run BUNDLE` loads it.",
+        "config.json; `codetrain detect --bundle BUNDLE` loads it. Folders may be fsspec URLs.",
     )
-    parser.add_argument("--run", required=True, type=Path, help="run folder (model.safetensors, eval/classifiers)")
-    parser.add_argument("--out", required=True, type=Path, help="bundle folder to create")
-    parser.add_argument("--eval-dir", type=Path, help="evaluation folder holding classifiers/ (default RUN/eval)")
+    parser.add_argument("--run", required=True, help="run folder (model.safetensors, eval/classifiers)")
+    parser.add_argument("--bundle", required=True, help="bundle folder to create")
+    parser.add_argument("--eval-dir", help="evaluation folder holding classifiers/ (default RUN/eval)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
     parser.set_defaults(func=_run)
 
 
+@reports_user_errors
 def _run(args: argparse.Namespace) -> int:
     """Run `codetrain export`."""
-    out = make_bundle(args.run, args.out, args.eval_dir, args.force, args.opset)
-    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    out = make_bundle(args.run, args.bundle, args.eval_dir, args.force, args.opset)
+    config = json.loads(Store.open(out).read_text(BundleFiles.CONFIG))
     print(f"bundle written to {out}: {', '.join(sorted(config['files']))} "
           f"(ONNX max |diff| vs torch {config['onnx']['max_abs_diff_vs_torch']:.2g})")
     return 0

@@ -1,30 +1,30 @@
 """Run-state checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
-A checkpoint is a folder `RUN/checkpoints/step-{n}/` holding
-`model.safetensors` (the embedder, `codetrain.model.save_weights`), `optimizer.safetensors`
-+ `state.json` (optimizer/scheduler/scaler state, step, epoch, data position, best score)
-and `rng-{rank}.safetensors` + `rng-{rank}.json` per process. It is written under a
-temporary name and renamed into place, so a folder named `step-{n}` is always complete.
+A checkpoint is a folder `RUN/checkpoints/step-{n}/` (names in `codetrain.runlayout.CheckpointFiles`)
+holding the embedder's weights, the optimizer state (safetensors + JSON), the run state (JSON:
+scheduler, scaler, step, epoch, data position, best score) and each process's RNG states. Every
+file is written atomically (one complete object on an object store) and `complete.json` last:
+only a folder holding it counts, so a crash mid-save leaves the previous checkpoint in charge.
+RUN may be a local folder or an fsspec URL.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
-import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import safetensors
 import safetensors.torch
 import torch
 
-from d3builder.storage.shards import atomic_write_bytes, atomic_write_json, fsync_dir
+from codetrain.errors import InvalidInputError, MissingInputError
+from codetrain.runlayout import CheckpointFiles, RunLayout
+from codetrain.storage import Location, Store
 
 STATE_FORMAT = "codetrain.checkpoint/1"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def split_tensors(obj: Any, prefix: str = "t") -> tuple[Any, dict[str, torch.Tensor]]:
@@ -90,100 +90,117 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
-def _save_split(obj: Any, json_path: Path, tensor_path: Path, prefix: str) -> None:
+class TrainState(NamedTuple):
+    """What `load_train_state` reads back: the optimizer's state dict and the run state."""
+
+    optimizer: dict
+    run: dict[str, Any]
+
+
+class Checkpoint(NamedTuple):
+    """A complete checkpoint: its step and folder."""
+
+    step: int
+    folder: Location
+
+
+def _save_split(folder: Store, obj: Any, json_name: str, tensor_name: str, prefix: str) -> None:
     """Write a nested state as JSON + safetensors."""
     meta, tensors = split_tensors(obj, prefix)
-    atomic_write_bytes(tensor_path, safetensors.torch.save(tensors))
-    atomic_write_json(json_path, meta)
+    folder.write_bytes(tensor_name, safetensors.torch.save(tensors))
+    folder.write_bytes(json_name, json.dumps(meta).encode("utf-8"))
 
 
-def _load_split(json_path: Path, tensor_path: Path) -> Any:
-    """Read a nested state written by `_save_split` (no pickle anywhere)."""
-    for path in (json_path, tensor_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint file missing: {path}")
+def _read_json(folder: Store, name: str) -> Any:
     try:
-        tensors = safetensors.torch.load_file(str(tensor_path), device="cpu")
-    except (safetensors.SafetensorError, OSError) as exc:
-        raise ValueError(f"{tensor_path} is not a valid safetensors file: {exc}") from exc
-    try:
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
+        return json.loads(folder.read_text(name))
+    except MissingInputError as exc:
+        raise MissingInputError(f"checkpoint file missing: {folder.location_text(name)}") from exc
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{json_path} is not valid JSON: {exc}") from exc
+        raise InvalidInputError(f"{folder.location_text(name)} is not valid JSON: {exc}") from exc
+
+
+def _load_split(folder: Store, json_name: str, tensor_name: str) -> Any:
+    """Read a nested state written by `_save_split` (no pickle anywhere)."""
+    meta = _read_json(folder, json_name)
+    try:
+        tensors = safetensors.torch.load(folder.read_bytes(tensor_name))
+    except MissingInputError as exc:
+        raise MissingInputError(f"checkpoint file missing: {folder.location_text(tensor_name)}") from exc
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise InvalidInputError(f"{folder.location_text(tensor_name)} is not a valid safetensors file: {exc}") from exc
     return join_tensors(meta, tensors)
 
 
-def checkpoint_dir(run: str | Path, step: int) -> Path:
+def _run(run: str | Path | RunLayout) -> RunLayout:
+    return run if isinstance(run, RunLayout) else RunLayout.open(run)
+
+
+def checkpoint_dir(run: str | Path | RunLayout, step: int) -> Location:
     """`RUN/checkpoints/step-{step}`."""
-    return Path(run) / "checkpoints" / f"step-{int(step)}"
+    return _run(run).checkpoint(step).location()
 
 
-def staging_dir(run: str | Path, step: int) -> Path:
-    """The temporary folder a checkpoint is written into before its rename."""
-    return Path(run) / "checkpoints" / f".step-{int(step)}.partial"
+def begin(run: RunLayout, step: int) -> Store:
+    """The folder of a checkpoint about to be (re)written, no longer marked complete."""
+    folder = run.checkpoint(step)
+    folder.remove(CheckpointFiles.COMPLETE)
+    return folder
 
 
-def save_process_rng(folder: Path, rank: int) -> None:
-    """Write this process's RNG states into a (staging) checkpoint folder."""
-    _save_split(rng_state(), folder / f"rng-{rank}.json", folder / f"rng-{rank}.safetensors", "rng")
+def mark_complete(folder: Store, step: int) -> None:
+    """Write `complete.json` (last, after every other file of the checkpoint) listing the files."""
+    files = [n for n in folder.files() if n != CheckpointFiles.COMPLETE]
+    folder.write_bytes(CheckpointFiles.COMPLETE, json.dumps({"format": STATE_FORMAT, "step": step, "files": files}).encode())
 
 
-def load_process_rng(folder: Path, rank: int) -> None:
+def save_process_rng(folder: str | Path | Store, rank: int) -> None:
+    """Write this process's RNG states into a checkpoint folder."""
+    _save_split(Store.open(folder), rng_state(), CheckpointFiles.rng_json(rank), CheckpointFiles.rng_tensors(rank), "rng")
+
+
+def load_process_rng(folder: str | Path | Store, rank: int) -> None:
     """Restore this process's RNG states; a checkpoint from fewer processes falls back to rank 0's."""
-    name = f"rng-{rank}" if (folder / f"rng-{rank}.json").is_file() else "rng-0"
-    set_rng_state(_load_split(folder / f"{name}.json", folder / f"{name}.safetensors"))
+    store = Store.open(folder)
+    if not store.exists(CheckpointFiles.rng_json(rank)):
+        rank = 0
+    set_rng_state(_load_split(store, CheckpointFiles.rng_json(rank), CheckpointFiles.rng_tensors(rank)))
 
 
-def save_train_state(folder: Path, optimizer_state: dict, state: dict[str, Any]) -> None:
+def save_train_state(folder: str | Path | Store, optimizer_state: dict, state: dict[str, Any]) -> None:
     """Write the optimizer state (safetensors + JSON) and the run state (JSON) into `folder`."""
-    _save_split(optimizer_state, folder / "optimizer.json", folder / "optimizer.safetensors", "opt")
-    atomic_write_json(folder / "state.json", {"format": STATE_FORMAT, **state})
+    store = Store.open(folder)
+    _save_split(store, optimizer_state, CheckpointFiles.OPTIMIZER_JSON, CheckpointFiles.OPTIMIZER_TENSORS, "opt")
+    store.write_bytes(CheckpointFiles.STATE, json.dumps({"format": STATE_FORMAT, **state}).encode("utf-8"))
 
 
-def load_train_state(folder: Path) -> tuple[dict, dict[str, Any]]:
-    """Read back (optimizer state, run state) from a checkpoint folder."""
-    state_path = folder / "state.json"
-    if not state_path.is_file():
-        raise FileNotFoundError(f"checkpoint file missing: {state_path}")
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{state_path} is not valid JSON: {exc}") from exc
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{state_path} is not a {STATE_FORMAT} checkpoint")
-    return _load_split(folder / "optimizer.json", folder / "optimizer.safetensors"), state
+def load_train_state(folder: str | Path | Store) -> TrainState:
+    """Read back the optimizer state and the run state from a checkpoint folder."""
+    store = Store.open(folder)
+    state = _read_json(store, CheckpointFiles.STATE)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise InvalidInputError(f"{store.location_text(CheckpointFiles.STATE)} is not a {STATE_FORMAT} checkpoint")
+    return TrainState(_load_split(store, CheckpointFiles.OPTIMIZER_JSON, CheckpointFiles.OPTIMIZER_TENSORS), state)
 
 
-def publish(run: str | Path, step: int) -> Path:
-    """Rename a complete staging folder to `step-{step}` (replacing an older one of that step)."""
-    final, staging = checkpoint_dir(run, step), staging_dir(run, step)
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
-    fsync_dir(final.parent)
-    return final
+def list_checkpoints(run: str | Path | RunLayout) -> list[Checkpoint]:
+    """Complete checkpoints of a run (those holding `complete.json`), oldest first."""
+    layout = _run(run)
+    return [Checkpoint(step, layout.store.location(name)) for step, name in layout.checkpoint_folders()
+            if layout.store.exists(f"{name}/{CheckpointFiles.COMPLETE}")]
 
 
-def list_checkpoints(run: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run as (step, folder), oldest first."""
-    folder = Path(run) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return sorted(found)
-
-
-def latest_checkpoint(run: str | Path) -> Path | None:
+def latest_checkpoint(run: str | Path | RunLayout) -> Location | None:
     """The newest complete checkpoint folder of a run, if any."""
     found = list_checkpoints(run)
-    return found[-1][1] if found else None
+    return found[-1].folder if found else None
 
 
-def prune(run: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (keep=0: delete none) and stale staging folders."""
-    folder = Path(run) / "checkpoints"
-    for stale in folder.glob(".step-*.partial"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if keep > 0:
-        for _, path in list_checkpoints(run)[:-keep]:
-            shutil.rmtree(path, ignore_errors=True)
+def prune(run: str | Path | RunLayout, keep: int, current: int) -> None:
+    """Delete incomplete checkpoint folders (except `current`'s) and all but the newest `keep` complete ones (0: keep all)."""
+    layout = _run(run)
+    complete = {c.step for c in list_checkpoints(layout)}
+    newest = sorted(complete)[-keep:] if keep > 0 else sorted(complete)
+    for step, name in layout.checkpoint_folders():
+        if step != current and step not in newest:
+            layout.store.remove(name, recursive=True)

@@ -1,8 +1,8 @@
 """CLIP linear-probe baseline: an open_clip image tower behind the CoDE embedder's interface.
 
-`ClipEmbedder` takes the same input as the CoDE embedder (eval_transform output:
-[B,3,224,224], ImageNet-normalised), re-normalises it with CLIP's own mean/std,
-resizes when the tower expects another size, and returns unit image embeddings, so
+`ClipEmbedder` takes the paper's CoDE input (`codetrain.preprocessing.PAPER`:
+[B,3,224,224], ImageNet-normalised; its `preprocessing`), re-normalises it with CLIP's own
+mean/std, resizes when the tower expects another size, and returns unit image embeddings, so
 `evaluate(..., embedder=clip)` runs the unchanged harness. Weights are only ever read
 from a local file (never downloaded); without weights the tower is randomly
 initialised (tests, smoke runs).
@@ -15,14 +15,18 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
+
+from codetrain.preprocessing import PAPER
 
 BASELINE_PREFIX = "clip:"
 
 
 class ClipEmbedder(nn.Module):
-    """An open_clip image encoder mapping ImageNet-normalised 224 crops to unit embeddings."""
+    """An open_clip image encoder mapping the paper's preprocessed crops to unit embeddings."""
+
+    preprocessing = PAPER
+    """The input it takes (as the CoDE embedder's); CLIP's own normalisation and size are applied inside."""
 
     def __init__(self, visual: nn.Module, model_name: str, mean: tuple[float, ...], std: tuple[float, ...], image_size: int) -> None:
         """Wrap `visual` (an open_clip image tower) with CLIP's normalisation and input size."""
@@ -31,15 +35,15 @@ class ClipEmbedder(nn.Module):
         self.model_name = model_name
         self.display_name = f"CLIP {model_name}"
         self.image_size = int(image_size)
-        shift = torch.tensor(IMAGENET_DEFAULT_MEAN) - torch.tensor(mean)
+        shift = torch.tensor(self.preprocessing.mean) - torch.tensor(mean)
         # x_clip = (x_in * std_in + mean_in - mean_clip) / std_clip, per channel
-        self.register_buffer("scale", (torch.tensor(IMAGENET_DEFAULT_STD) / torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", (torch.tensor(self.preprocessing.std) / torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("offset", (shift / torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
         with torch.no_grad():
             self.embed_dim = int(self.forward(torch.zeros(1, 3, self.image_size, self.image_size)).shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed an ImageNet-normalised batch [B,3,H,W] into unit vectors [B,embed_dim]."""
+        """Embed a batch [B,3,H,W] preprocessed as `preprocessing` says into unit vectors [B,embed_dim]."""
         x = x * self.scale + self.offset
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True)

@@ -27,12 +27,19 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from codetrain.realsource import RealImageSource, is_local, open_parquet
+from codetrain.errors import InvalidInputError
+from codetrain.realsource import (
+    RealImageSource,
+    is_local,
+    is_shard,
+    open_parquet,
+    require_real_images,
+)
 from codetrain.sources import open_source
-from codetrain.views import ViewMaker, normalise
+from codetrain.views import IMAGENET_MEAN, IMAGENET_STD, Stats, ViewMaker, normalise
 from d3builder.storage.schema import generator_slots
 
-__all__ = ["D3Records", "RealImageSource", "collate", "list_shards", "record_rng"]
+__all__ = ["D3Records", "RealImageSource", "check_shards", "collate", "list_shards", "record_rng"]
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +92,36 @@ class ShardInfo:
 
 
 def read_shard_info(url: str) -> ShardInfo:
-    """Read one shard's footer (a clear error naming the shard if it is not a usable D3 shard)."""
+    """Read one shard's footer (InvalidInputError naming the shard if it is not a usable D3 shard)."""
     try:
         meta = open_parquet(url).metadata
     except Exception as exc:  # any reader error is reported with the shard's name
-        raise ValueError(f"cannot read the Parquet footer of {url}: {exc}") from exc
+        raise InvalidInputError(f"cannot read the Parquet footer of {url}: {exc}") from exc
     names = meta.schema.to_arrow_schema().names
     slots = tuple(generator_slots(names))
     if "id" not in names or not slots:
-        raise ValueError(f"{url} is not a D3 shard: it needs an `id` column and `image_gen{{i}}` columns")
+        raise InvalidInputError(f"{url} is not a D3 shard: it needs an `id` column and `image_gen{{i}}` columns")
     groups = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
     has_generator = all(f"generator_gen{s}" in names for s in slots)
     return ShardInfo(url, groups, slots, "image_real" in names, has_generator)
+
+
+def read_shard_infos(shards: Sequence[str]) -> list[ShardInfo]:
+    """The footers of several shards (remote ones read in parallel), in order."""
+    if all(is_local(s) for s in shards):
+        return [read_shard_info(s) for s in shards]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(read_shard_info, shards))
+
+
+def check_shards(files: Sequence[str], real_source: RealImageSource | None, data: str) -> None:
+    """Check a command's input files before any work: every shard's footer readable (image files aside), reals available.
+
+    InvalidInputError names the first unusable shard; shards without `image_real` need a
+    `real_source` holding reals of theirs (`require_real_images`).
+    """
+    infos = read_shard_infos([f for f in files if is_shard(f)])
+    require_real_images([i.url for i in infos if not i.has_real], real_source, data)
 
 
 @dataclass(frozen=True)
@@ -157,17 +182,11 @@ class D3Records(IterableDataset):
         self.real_source = real_source
         self.batch_size = batch_size
         self.epoch, self.position, self.skipped = 0, 0, 0
-        self.infos = self._read_infos()
+        self.infos = read_shard_infos(self.shards)
         missing = [i.url for i in self.infos if not i.has_real]
         if missing and real_source is None:
             raise ValueError(f"{missing[0]} (and {len(missing) - 1} more) has no image_real column: pass a real_source")
         self.total = sum(sum(i.row_groups) for i in self.infos)
-
-    def _read_infos(self) -> list[ShardInfo]:
-        if all(is_local(s) for s in self.shards):
-            return [read_shard_info(s) for s in self.shards]
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            return list(pool.map(read_shard_info, self.shards))
 
     # --- position ------------------------------------------------------------------------------
 
@@ -314,11 +333,12 @@ class D3Records(IterableDataset):
         return out
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def collate(samples: list[dict[str, Any]], mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD) -> dict[str, Any]:
     """Torch's default collation, except that uint8 views become one normalised float32 [B,3,H,W] tensor each.
 
-    The normalisation writes straight into the batch tensor, in shared memory inside a
-    DataLoader worker (as `default_collate` does), so a view is converted and copied once.
+    The normalisation (the model's `mean`/`std`: bind them with functools.partial for a
+    DataLoader) writes straight into the batch tensor, in shared memory inside a DataLoader
+    worker (as `default_collate` does), so a view is converted and copied once.
     """
     batch: dict[str, Any] = {}
     for key in samples[0]:
@@ -328,7 +348,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
             out = _batch_tensor((len(values), 3, *first.shape[1:]))
             array = out.numpy()
             for i, view in enumerate(values):
-                normalise(view, array[i])
+                normalise(view, array[i], mean, std)
             batch[key] = out
         else:
             batch[key] = default_collate(values)

@@ -2,11 +2,12 @@
 
 Every image, from a shard or a file, goes through the same steps as training's clean views:
 `codetrain.views.decode_rgb` (full size, first frame, RGB), optionally a perturbation
-(robustness sweeps), then `codetrain.views.eval_transform`. A split is a list of files:
-Parquet shards (a real and fakes per record) or image files labelled by their folder
-(`real/` holds reals, any other folder, e.g. `gen_0/`, fakes of that generator: the published
-test set's layout). Embeddings of splits are cached as safetensors, keyed by a fingerprint of
-the embedder weights, the files and the perturbation, so a rerun recomputes nothing.
+(robustness sweeps), then the embedder's own preprocessing (`codetrain.preprocessing`: its
+input size and mean/std). A split is a list of files: Parquet shards (a real and fakes per
+record) or image files labelled by their folder (`real/` holds reals, any other folder, e.g.
+`gen_0/`, fakes of that generator: the published test set's layout). Embeddings of splits are
+cached as safetensors, keyed by a fingerprint of the embedder weights, its preprocessing, the
+files and the perturbation, so a rerun recomputes nothing.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from codetrain.preprocessing import PAPER, Preprocessing, preprocessing_of
 from codetrain.realsource import RealImageSource, is_shard, open_parquet
-from codetrain.views import decode_rgb, eval_transform
+from codetrain.views import decode_rgb
 from d3builder.imaging.augmentations import to_rgb
 from d3builder.storage.schema import generator_slots
 from d3builder.storage.shards import atomic_write_bytes
@@ -137,12 +139,12 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def prepare(img: Image.Image, op: ImageOp | None = None) -> torch.Tensor:
-    """RGB, then the optional perturbation, then `eval_transform`: a [3,224,224] tensor."""
+def prepare(img: Image.Image, op: ImageOp | None = None, preprocessing: Preprocessing = PAPER) -> torch.Tensor:
+    """RGB, then the optional perturbation, then the embedder's preprocessing: a [3,size,size] tensor."""
     img = to_rgb(img)
     if op is not None:
         img = to_rgb(op(img))
-    return eval_transform(img)
+    return preprocessing.transform(img)
 
 
 def prepare_parallel(
@@ -202,8 +204,9 @@ def embed_batches(
 
 
 def embed_images(model: nn.Module, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
-    """Embed PIL images with the evaluation preprocessing; returns float32 (n, d)."""
-    chunks = [emb for _, emb in embed_batches(model, ((i, prepare(img)) for i, img in enumerate(images)), batch_size)]
+    """Embed PIL images with the model's preprocessing; returns float32 (n, d)."""
+    pre = preprocessing_of(model)
+    chunks = [emb for _, emb in embed_batches(model, ((i, prepare(img, None, pre)) for i, img in enumerate(images)), batch_size)]
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
@@ -221,7 +224,8 @@ def embed_files(
     def failed(path: Path, exc: Exception) -> None:
         failures.append((path, f"{type(exc).__name__}: {exc}"))
 
-    items = prepare_parallel(paths, lambda path: prepare(open_image_file(path)), failed, 2 * batch_size)
+    pre = preprocessing_of(model)
+    items = prepare_parallel(paths, lambda path: prepare(open_image_file(path), None, pre), failed, 2 * batch_size)
     yield from embed_batches(model, items, batch_size)
 
 
@@ -300,10 +304,12 @@ def embed_shards(
     batch_size: int = 32,
     real_source: RealImageSource | None = None,
     desc: str = "embed",
+    progress: bool = True,
 ) -> Embeddings:
     """Embed every real and fake of the shards; corrupt or missing images are skipped and listed."""
     skipped: list[str] = []
-    progress = tqdm(total=shard_image_count(shards), desc=desc, unit="img", leave=False)
+    pre = preprocessing_of(model)
+    bar = tqdm(total=shard_image_count(shards), desc=desc, unit="img", leave=False, disable=not progress)
 
     def failed(ref: ImageRef, exc: Exception) -> None:
         skipped.append(f"{ref.where}: {type(exc).__name__}: {exc}")
@@ -311,13 +317,13 @@ def embed_shards(
 
     def counted() -> Iterator[ImageRef]:
         for ref in iter_shard_images(shards, real_source):
-            progress.update(1)
+            bar.update(1)
             yield ref
 
-    items = prepare_parallel(counted(), lambda ref: prepare(ref.decode(), op), failed, 2 * batch_size)
+    items = prepare_parallel(counted(), lambda ref: prepare(ref.decode(), op, pre), failed, 2 * batch_size)
     refs: list[ImageRef] = []
     chunks: list[np.ndarray] = []
-    with progress:
+    with bar:
         for batch_refs, emb in embed_batches(model, items, batch_size):
             refs.extend(batch_refs)
             chunks.append(emb)
@@ -352,10 +358,12 @@ def embed_shards_cached(
     real_source: RealImageSource | None = None,
     desc: str = "embed",
     fingerprint: str | None = None,
+    progress: bool = True,
 ) -> Embeddings:
     """`embed_shards`, reusing `cache_path` when it was made from the same model, shards and op."""
     key = {
         "model": fingerprint or model_fingerprint(model),
+        "preprocessing": preprocessing_of(model).describe(),
         "shards": shard_signature(shards),
         "op": op_key,
         "real_source": real_source.source if real_source is not None else None,
@@ -365,7 +373,7 @@ def embed_shards_cached(
         if cached is not None:
             log.info("%s: %d embeddings from cache %s", desc, len(cached), cache_path)
             return cached
-    emb = embed_shards(model, shards, op, batch_size, real_source, desc)
+    emb = embed_shards(model, shards, op, batch_size, real_source, desc, progress)
     if cache_path is not None and len(emb):
         emb.save(cache_path, key)
     return emb

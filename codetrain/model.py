@@ -1,8 +1,15 @@
-"""The CoDE embedder: a timm backbone trained from scratch, L2-normalised output, safetensors I/O."""
+"""The CoDE embedder: a timm backbone trained from scratch, L2-normalised output, safetensors I/O.
+
+The embedder carries its input preprocessing (`preprocessing`): the size from timm's data
+config for the model unless set (224 for the paper's ViT-Tiny), the mean/std ImageNet's (the
+paper) or timm's data config's. Both are saved with the weights, so evaluation, detection and
+bundles preprocess exactly as training did. Weights are read from local paths or fsspec URLs.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +18,12 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import resolve_model_data_config
 from torch import nn
 
+from codetrain.errors import InvalidInputError
+from codetrain.preprocessing import NORMALISATIONS, PAPER, Preprocessing
+from codetrain.storage import read_url
 from d3builder.storage.shards import atomic_write_bytes
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
@@ -26,12 +36,11 @@ CONFIG_FORMAT = "codetrain.CoDEEmbedder/1"
 """Format tag written into every config, checked when rebuilding."""
 
 
-def _create_backbone(model_name: str, img_size: int) -> tuple[nn.Module, bool]:
-    """Build a randomly initialised timm model without head; dynamic image size where supported."""
+def _create_backbone(model_name: str, img_size: int | None) -> tuple[nn.Module, bool]:
+    """Build a randomly initialised timm model without head (at `img_size` if given); dynamic image size where supported."""
+    size = {} if img_size is None else {"img_size": img_size}
     try:
-        return timm.create_model(
-            model_name, pretrained=False, num_classes=0, img_size=img_size, dynamic_img_size=True
-        ), True
+        return timm.create_model(model_name, pretrained=False, num_classes=0, dynamic_img_size=True, **size), True
     except TypeError as exc:
         if "img_size" not in str(exc):
             raise
@@ -44,20 +53,33 @@ class CoDEEmbedder(nn.Module):
     def __init__(
         self,
         model_name: str = DEFAULT_MODEL,
-        img_size: int = 224,
-        mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
-        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        img_size: int | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
     ) -> None:
-        """Create the backbone (random weights, never downloaded)."""
+        """Create the backbone (random weights, never downloaded).
+
+        `img_size` None: the input size of timm's data config for the model; `mean`/`std`
+        None: ImageNet's (the paper's).
+        """
         super().__init__()
-        if img_size <= 0:
+        if img_size is not None and img_size <= 0:
             raise ValueError(f"img_size must be positive, got {img_size}")
         self.model_name = model_name
-        self.img_size = int(img_size)
-        self.mean = tuple(float(v) for v in mean)
-        self.std = tuple(float(v) for v in std)
-        self.backbone, self.dynamic_img_size = _create_backbone(model_name, self.img_size)
+        self.backbone, self.dynamic_img_size = _create_backbone(model_name, img_size)
+        self.img_size = int(img_size if img_size is not None else self.data_config()["input_size"][-1])
+        self.mean = tuple(float(v) for v in (mean if mean is not None else PAPER.mean))
+        self.std = tuple(float(v) for v in (std if std is not None else PAPER.std))
         self.embed_dim = int(self.backbone.num_features)
+
+    def data_config(self) -> dict[str, Any]:
+        """timm's data config of the backbone (input size, mean, std, ...)."""
+        return resolve_model_data_config(self.backbone)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The input this embedder expects: size and normalisation."""
+        return Preprocessing(self.img_size, self.mean, self.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed a normalised image batch [B,3,H,W] into unit vectors [B,embed_dim]."""
@@ -90,56 +112,74 @@ class CoDEEmbedder(nn.Module):
         return model
 
 
-def create_embedder(model_name: str = DEFAULT_MODEL, img_size: int = 224) -> CoDEEmbedder:
-    """Create a randomly initialised CoDE embedder from any timm model name."""
-    return CoDEEmbedder(model_name, img_size)
+def create_embedder(model_name: str = DEFAULT_MODEL, img_size: int | None = None, normalisation: str = "imagenet") -> CoDEEmbedder:
+    """Create a randomly initialised CoDE embedder from any timm model name.
+
+    `img_size` None takes the model's input size from timm's data config; `normalisation`
+    is `imagenet` (the paper) or `model` (the mean/std of timm's data config).
+    """
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+    model = CoDEEmbedder(model_name, img_size)
+    if normalisation == "model":
+        cfg = model.data_config()
+        model.mean, model.std = tuple(map(float, cfg["mean"])), tuple(map(float, cfg["std"]))
+    return model
+
+
+def weights_bytes(model: CoDEEmbedder) -> bytes:
+    """The weights as safetensors bytes, with the config JSON in the metadata."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return safetensors.torch.save(state, metadata={CONFIG_KEY: json.dumps(model.config())})
 
 
 def save_weights(model: CoDEEmbedder, path: str | Path) -> Path:
-    """Write the weights atomically as safetensors, with the config JSON in the metadata."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    data = safetensors.torch.save(state, metadata={CONFIG_KEY: json.dumps(model.config())})
-    return atomic_write_bytes(path, data)
+    """Write the weights atomically to a local safetensors file."""
+    return atomic_write_bytes(path, weights_bytes(model))
 
 
-def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read tensors and metadata from a safetensors file; ValueError if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights file at {path}")
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's JSON header."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    return dict(header.get("__metadata__") or {})
+
+
+def _read(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read tensors and metadata from a safetensors file (local path or URL); ValueError if it is not one."""
+    data = read_url(path, storage_options)
     try:
-        with safetensors.safe_open(str(path), framework="pt", device="cpu") as fh:
-            metadata = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (safetensors.SafetensorError, OSError) as exc:
-        raise ValueError(f"{path} is not a valid safetensors file: {exc}") from exc
+        tensors = safetensors.torch.load(data)
+        metadata = _header_metadata(data)
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise InvalidInputError(f"{path} is not a valid safetensors file: {exc}") from exc
     return tensors, metadata
 
 
-def _load_state(model: CoDEEmbedder, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _load_state(model: CoDEEmbedder, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
     """Copy tensors into the model, refusing any missing, extra or misshapen tensor."""
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"tensors in {path} do not match {model.model_name}: {exc}") from exc
+        raise InvalidInputError(f"tensors in {path} do not match {model.model_name}: {exc}") from exc
 
 
-def load_weights(model: CoDEEmbedder, path: str | Path) -> CoDEEmbedder:
-    """Load safetensors weights into an existing embedder (strict: every tensor must match)."""
-    tensors, _ = _read(path)
-    _load_state(model, tensors, Path(path))
+def load_weights(model: CoDEEmbedder, path: str | Path, storage_options: Mapping[str, Any] | None = None) -> CoDEEmbedder:
+    """Load safetensors weights (local path or URL) into an existing embedder (strict: every tensor must match)."""
+    tensors, _ = _read(path, storage_options)
+    _load_state(model, tensors, path)
     return model
 
 
-def load_embedder(path: str | Path) -> CoDEEmbedder:
-    """Rebuild an embedder from the config in a safetensors file's metadata and load its weights."""
-    tensors, metadata = _read(path)
+def load_embedder(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> CoDEEmbedder:
+    """Rebuild an embedder from the config in a safetensors file's metadata (local path or URL) and load its weights."""
+    tensors, metadata = _read(path, storage_options)
     if CONFIG_KEY not in metadata:
-        raise ValueError(f"{path} carries no '{CONFIG_KEY}' metadata: not saved by codetrain.save_weights")
+        raise InvalidInputError(f"{path} carries no '{CONFIG_KEY}' metadata: not saved by codetrain.save_weights")
     try:
         cfg = json.loads(metadata[CONFIG_KEY])
         model = CoDEEmbedder.from_config(cfg)
     except (json.JSONDecodeError, ValueError, TypeError, RuntimeError) as exc:
-        raise ValueError(f"{path} has an unusable embedder config: {exc}") from exc
-    _load_state(model, tensors, Path(path))
+        raise InvalidInputError(f"{path} has an unusable embedder config: {exc}") from exc
+    _load_state(model, tensors, path)
     return model.eval()

@@ -7,8 +7,8 @@ payload must have exactly the expected shape and estimator types.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import fields
@@ -19,6 +19,9 @@ import skops.io as sio
 from skops.io.exceptions import UntrustedTypesFoundException
 
 from codetrain.classifiers import CLASSIFIERS, FittedClassifier
+from codetrain.errors import UserError
+from codetrain.storage import is_remote, read_url
+from d3builder.storage.shards import atomic_write_bytes
 
 FORMAT = "codetrain.classifier"
 VERSION = 1
@@ -44,12 +47,12 @@ ALLOWED_TYPES = frozenset(
 )
 
 
-class UntrustedFileError(ValueError):
+class UntrustedFileError(UserError, ValueError):
     """A classifier file that is foreign, corrupt or holds types outside the allow-list."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
         super().__init__(f"refusing to load classifier file {str(path)!r}: {reason}")
-        self.path = Path(path)
+        self.path = path if isinstance(path, Path) or is_remote(path) else Path(path)
 
 
 def _type_name(obj: Any) -> str:
@@ -57,19 +60,14 @@ def _type_name(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
+def classifier_bytes(clf: FittedClassifier) -> bytes:
+    """`clf` as a skops archive."""
+    return sio.dumps({"format": FORMAT, "version": VERSION, "name": clf.name, "estimators": clf.estimators()})
+
+
 def save_classifier(clf: FittedClassifier, path: str | Path) -> Path:
-    """Write `clf` to `path` as a skops archive (atomically) and return the path."""
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "name": clf.name,
-        "estimators": clf.estimators(),
-    }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    sio.dump(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    """Write `clf` to a local `path` as a skops archive (atomically) and return the path."""
+    return atomic_write_bytes(path, classifier_bytes(clf))
 
 
 def _schema_nodes(node: Any) -> Iterator[dict[str, Any]]:
@@ -84,10 +82,10 @@ def _schema_nodes(node: Any) -> Iterator[dict[str, Any]]:
             yield from _schema_nodes(value)
 
 
-def _audit_schema(path: Path) -> None:
+def _audit_schema(path: str | Path, data: bytes) -> None:
     """Raise UntrustedFileError unless the archive's schema uses only allowed loaders/types."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             schema = json.loads(archive.read("schema.json"))
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UntrustedFileError(path, f"not a skops archive ({err})") from err
@@ -103,7 +101,7 @@ def _audit_schema(path: Path) -> None:
         raise UntrustedFileError(path, f"types outside the allow-list: {sorted(foreign)}")
 
 
-def _classifier_from_payload(path: Path, payload: Any) -> FittedClassifier:
+def _classifier_from_payload(path: str | Path, payload: Any) -> FittedClassifier:
     """Check the loaded payload's shape and estimator types, then build the classifier."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UntrustedFileError(path, f"not a {FORMAT} file")
@@ -124,15 +122,17 @@ def _classifier_from_payload(path: Path, payload: Any) -> FittedClassifier:
     return cls(**estimators)
 
 
-def load_classifier(path: str | Path) -> FittedClassifier:
-    """Load a classifier written by save_classifier, refusing anything outside the allow-list."""
-    path = Path(path)
-    _audit_schema(path)
+def load_classifier(path: str | Path, storage_options: dict[str, Any] | None = None) -> FittedClassifier:
+    """Load a classifier written by save_classifier (local path or URL), refusing anything outside the allow-list."""
+    if not is_remote(path):
+        path = Path(path)
+    data = read_url(path, storage_options)
+    _audit_schema(path, data)
     try:
-        untrusted = set(sio.get_untrusted_types(file=path))
+        untrusted = set(sio.get_untrusted_types(data=data))
         if not untrusted <= ALLOWED_TYPES:
             raise UntrustedFileError(path, f"untrusted types {sorted(untrusted - ALLOWED_TYPES)}")
-        payload = sio.load(path, trusted=sorted(ALLOWED_TYPES))
+        payload = sio.loads(data, trusted=sorted(ALLOWED_TYPES))
     except UntrustedFileError:
         raise
     except UntrustedTypesFoundException as err:

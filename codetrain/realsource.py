@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from d3builder.core.yamlconfig import ConfigError
+from codetrain.errors import InvalidInputError, MissingInputError
 from d3builder.storage.layout import safe_name
 
 log = logging.getLogger(__name__)
@@ -182,23 +182,23 @@ def _remember(cache: OrderedDict, key: Any, value: Any, size: int) -> None:
         cache.popitem(last=False)
 
 
-def require_real_images(shards: Sequence[str], real_source: RealImageSource | None, data: str) -> None:
+def require_real_images(without_real: Sequence[str], real_source: RealImageSource | None, data: str) -> None:
     """Refuse shards without `image_real` (the published ELSA_D3 layout) unless `real_source` has a real of theirs.
 
-    A ConfigError names `--real-source`, where the reals were looked for and how to provide them.
+    `without_real` lists those shards (from their footers); the one-line UserError names `--real-source`,
+    where the reals were looked for and how to provide them.
     """
-    without = [s for s in shards if is_shard(s) and "image_real" not in open_parquet(s).schema_arrow.names]
-    if not without:
+    if not without_real:
         return
     if real_source is None:
-        raise ConfigError(data, "--real-source", f"{len(without)} shard(s) (e.g. {without[0]}) carry no real image "
-                                                 f"(the published ELSA_D3 layout keeps only `url`): {FETCH_REALS}")
+        raise MissingInputError(f"--real-source: {len(without_real)} shard(s) of {data} (e.g. {without_real[0]}) carry no "
+                                f"real image (the published ELSA_D3 layout keeps only `url`): {FETCH_REALS}")
     try:
-        for shard in without:
+        for shard in without_real:
             if any(real_source.has(str(i)) for i in open_parquet(shard).read(columns=["id"]).column("id").to_pylist()):
                 return
         where = real_source.describe()
     except OSError as exc:
-        raise ConfigError(real_source.source, "--real-source", f"cannot read it: {exc}; {FETCH_REALS}") from exc
-    raise ConfigError(real_source.source, "--real-source",
-                      f"no real image for any record of {data}: looked in {where}; {FETCH_REALS}")
+        raise InvalidInputError(f"--real-source {real_source.source}: cannot read it: {exc}; {FETCH_REALS}") from exc
+    raise InvalidInputError(f"--real-source {real_source.source}: no real image for any record of {data}: "
+                            f"looked in {where}; {FETCH_REALS}")

@@ -97,10 +97,11 @@ def robustness_sweep(
     batch_size: int = 32,
     cache_dir: str | Path | None = None,
     real_source: RealImageSource | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Embed the shards' images under each (family, level) and score every classifier.
 
-    The perturbation is applied to the decoded RGB image before `eval_transform`. One
+    The perturbation is applied to the decoded RGB image before the model's preprocessing. One
     row per (classifier, family, level) with accuracies (real, fake, overall,
     balanced), AUC and AP.
     """
@@ -114,6 +115,7 @@ def robustness_sweep(
             emb = embed_shards_cached(
                 model, shards, cache, op=partial(perturb, family=family, level=level), op_key=key,
                 batch_size=batch_size, real_source=real_source, desc=f"{split} {key}", fingerprint=fingerprint,
+                progress=progress,
             )
             if not len(emb):
                 log.warning("robustness %s: no readable image in %s", key, split)

@@ -1,14 +1,33 @@
-"""What a training run reports: RUN/metrics.jsonl, TensorBoard (when installed) and RUN/loss_curve.png."""
+"""What a training run reports: RUN/metrics.jsonl, TensorBoard (when installed) and RUN/loss_curve.png.
+
+In a local run folder each metrics row is appended as it comes; in a remote one (an fsspec
+URL) the whole file is uploaded as one object at every `flush` (each checkpoint) and at the
+end. TensorBoard logs are written for local run folders only.
+"""
 
 from __future__ import annotations
 
+import enum
+import io
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from codetrain.errors import MissingInputError
+from codetrain.runlayout import RunLayout
+from codetrain.storage import Store, read_url
+
 log = logging.getLogger(__name__)
+
+
+class RowKind(str, enum.Enum):
+    """The `kind` of a metrics row."""
+
+    TRAIN = "train"
+    VAL = "val"
 
 
 def _tensorboard_writer(folder: Path) -> Any:
@@ -21,55 +40,67 @@ def _tensorboard_writer(folder: Path) -> Any:
     return SummaryWriter(log_dir=str(folder))
 
 
+def _lines(rows: Sequence[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Every JSON line of a metrics file (a missing file gives an empty list)."""
-    path = Path(path)
-    if not path.is_file():
+    """Every JSON line of a metrics file (local path or URL; a missing file gives an empty list)."""
+    try:
+        text = read_url(path).decode("utf-8")
+    except MissingInputError:
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 class RunLog:
-    """Appends metric rows to RUN/metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Keeps the metric rows of a run in RUN/metrics.jsonl and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run: Path, tensorboard: bool = True, resume_step: int | None = None) -> None:
-        """Open the log; on resume drop rows written after `resume_step` (they will be redone)."""
-        self.path = run / "metrics.jsonl"
-        run.mkdir(parents=True, exist_ok=True)
-        rows = read_metrics(self.path) if resume_step is not None else []
-        kept = [r for r in rows if r.get("step", 0) <= resume_step] if resume_step is not None else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        self.writer = _tensorboard_writer(run / "tensorboard") if tensorboard else None
+    def __init__(self, run: Store, tensorboard: bool = True, resume_step: int | None = None) -> None:
+        """Open the log; on resume keep only rows up to `resume_step` (later ones will be redone)."""
+        self.store = run
+        rows = read_metrics(run.location_text(RunLayout.METRICS)) if resume_step is not None else []
+        self.rows = [r for r in rows if r.get("step", 0) <= resume_step] if resume_step is not None else []
+        self.flush()
+        self.writer = None
+        if tensorboard and run.is_local:
+            self.writer = _tensorboard_writer(run.local_path(RunLayout.TENSORBOARD))
+        elif tensorboard:
+            log.info("TensorBoard logs are written for local run folders only; %s has metrics.jsonl", run.url)
 
     def write(self, row: dict[str, Any]) -> None:
-        """Append one row (flushed at once) and its numeric values to TensorBoard."""
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        """Add one row (appended to a local file at once) and its numeric values to TensorBoard."""
+        self.rows.append(row)
+        if self.store.is_local:
+            with open(self.store.local_path(RunLayout.METRICS), "a", encoding="utf-8") as fh:
+                fh.write(_lines([row]))
         if self.writer is not None:
-            kind = row.get("kind", "train")
+            kind = RowKind(row.get("kind", RowKind.TRAIN)).value
             for key, value in row.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"{kind}/{key}", value, row.get("step", 0))
 
+    def flush(self) -> None:
+        """Write the whole file (atomic: one object upload on an object store)."""
+        self.store.write_text(RunLayout.METRICS, _lines(self.rows))
+
     def close(self) -> None:
-        """Flush and close TensorBoard."""
+        """Flush, and close TensorBoard."""
+        self.flush()
         if self.writer is not None:
             self.writer.close()
 
 
-def plot_loss_curve(metrics: str | Path, png: str | Path) -> Path | None:
-    """Plot training losses (total, real, fake) and validation accuracy against step; None without data."""
-    rows = read_metrics(metrics)
-    train = [r for r in rows if r.get("kind") == "train"]
-    val = [r for r in rows if r.get("kind") == "val" and r.get("val_acc") is not None]
+def loss_curve_png(rows: Sequence[dict[str, Any]]) -> bytes | None:
+    """Training losses (total, real, fake) and validation accuracy against step as PNG bytes; None without data."""
+    train = [r for r in rows if r.get("kind") == RowKind.TRAIN]
+    val = [r for r in rows if r.get("kind") == RowKind.VAL and r.get("val_acc") is not None]
     if not train:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     steps = [r["step"] for r in train]
     for key, label in (("loss", "total"), ("loss_real", "real"), ("loss_fake", "fake")):
         ax.plot(steps, [r.get(key, math.nan) for r in train], label=f"loss {label}")
@@ -84,7 +115,6 @@ def plot_loss_curve(metrics: str | Path, png: str | Path) -> Path | None:
     ax.legend(loc="upper right")
     ax.set_title("CoDE training")
     fig.tight_layout()
-    png = Path(png)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()

@@ -13,8 +13,8 @@ A source offers splits, each a sorted list of files, found in this order:
 Besides, the published test set's image folders `{no_augm,augm}/{real,gen_0,...}/` are the
 splits `no_augm` and `augm`. A hub dataset repo id (`elsaEU/ELSA_D3`) stands for
 `hf://datasets/elsaEU/ELSA_D3`. A split a command needs but the source lacks, and a file that
-would serve as both training (or fitting) and test data, are refused with one line
-(`ConfigError`) naming the flags that choose the splits.
+would serve as both training (or fitting) and test data, are refused with one line (a
+`codetrain.errors.UserError`) naming the flags that choose the splits.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ import fsspec
 import yaml
 from huggingface_hub import DatasetCard
 
-from codetrain.config import ConfigError, load_config
+from codetrain.config import load_config
 from codetrain.embed import image_extensions
+from codetrain.errors import InvalidInputError, MissingInputError, UserError
 from codetrain.realsource import full_name, is_shard, join_url
+from codetrain.runlayout import RunLayout
 from d3builder.storage.layout import safe_name, split_prefix
 
 log = logging.getLogger(__name__)
@@ -45,8 +47,6 @@ DEFAULT_FILE_SPLIT = "train"
 HUB_FOLDER = "data"
 TEST_VARIANTS = ("no_augm", "augm")
 """The published test set's folders: as generated, and with transformations."""
-RUN_CONFIG = "config.yaml"
-"""The training config a run folder keeps (`codetrain train` writes it)."""
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _MAGIC = re.compile(r"[*?\[]")
 
@@ -76,18 +76,16 @@ class DataSource:
         return list(self.splits.get(safe_name(split, "split"), []))
 
     def require(self, split: str, flag: str, flags: str) -> list[str]:
-        """The files of `split`, or a ConfigError naming the split, what the source offers and the flags to choose."""
+        """The files of `split`, or a MissingInputError naming `flag`, what the source offers and the flags to choose."""
         files = self.shards(split)
         if not files:
-            raise ConfigError(
-                self.given, flag,
-                f"no {split!r} split here (splits from {self.found_by}: {self.offered()}); choose the splits with {flags}",
-            )
+            raise MissingInputError(f"{flag}: no {split!r} split in {self.given} (splits from {self.found_by}: "
+                                    f"{self.offered()}); choose the splits with {flags}")
         return files
 
 
 def open_source(data: str, flag: str = "--data") -> DataSource:
-    """The splits of a dataset folder, file, glob, fsspec URL or hub repo id; ConfigError (naming `flag`) if unreadable."""
+    """The splits of a dataset folder, file, glob, fsspec URL or hub repo id; a UserError naming `flag` if unreadable."""
     url = resolve_data(str(data))
     try:
         fs, root = fsspec.core.url_to_fs(url)
@@ -97,16 +95,16 @@ def open_source(data: str, flag: str = "--data") -> DataSource:
             if fs.isfile(root):
                 return DataSource(data, url, _by_file_name([full_name(fs, root)]), "the file name")
             hub = f" (as a hub dataset: {url})" if url != data else ""
-            raise ConfigError(data, flag, f"no such dataset folder or file{hub}")
+            raise MissingInputError(f"{flag} {data}: no such dataset folder or file{hub}")
         splits, found_by = _card_splits(fs, root, data, flag), f"the dataset card's configs ({CARD_FILE})"
         if splits is None:
             splits, found_by = _layout_splits(fs, root), "the folder layout"
         for variant, files in _test_folders(fs, root).items():
             splits.setdefault(variant, files)
-    except ConfigError:
+    except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader or network error is reported as one line
-        raise ConfigError(data, flag, f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
+        raise InvalidInputError(f"{flag} {data}: cannot read {url}: {type(exc).__name__}: {exc}") from exc
     return DataSource(data, url, splits, found_by)
 
 
@@ -126,7 +124,7 @@ def _card_splits(fs: fsspec.AbstractFileSystem, root: str, data: str, flag: str)
     try:
         configs = DatasetCard(fs.cat_file(card).decode("utf-8")).data.to_dict().get("configs")
     except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{data}/{CARD_FILE}", "configs", f"the dataset card does not parse: {exc}") from exc
+        raise InvalidInputError(f"{flag} {data}: the configs of its dataset card {CARD_FILE} do not parse: {exc}") from exc
     if not configs:
         return None
     splits: dict[str, list[str]] = {}
@@ -200,24 +198,23 @@ class Use:
 
 
 def refuse_shared_files(uses: Sequence[Use], flags: str) -> None:
-    """ConfigError naming `flags` when one file serves two kinds of use (a test split may share files with another)."""
+    """InvalidInputError naming `flags` when one file serves two kinds of use (a test split may share files with another)."""
     owner: dict[str, Use] = {}
     for use in uses:
         for path in use.files:
             first = owner.setdefault(path, use)
             if first.kind != use.kind:
-                raise ConfigError(path, flags, f"this file is in both {first.label} and {use.label}: "
-                                               "one file is never used as both training (or fitting) and test data")
+                raise InvalidInputError(f"{path} is in both {first.label} and {use.label}: one file is never used as "
+                                        f"both training (or fitting) and test data; choose the splits with {flags}")
 
 
-def run_training_files(run_dir: str | Path) -> list[str]:
+def run_training_files(run: RunLayout) -> list[str]:
     """The files a run was trained on, from its saved config (empty when the run or its data cannot be read)."""
-    saved = Path(run_dir) / RUN_CONFIG
-    if not saved.is_file():
-        return []
     try:
-        config = load_config(saved)
+        if not run.store.exists(RunLayout.CONFIG):
+            return []
+        config = load_config(run.store.location_text(RunLayout.CONFIG))
         return open_source(config.data).shards(config.train_split) if config.data else []
-    except (ConfigError, ValueError) as exc:
-        log.warning("cannot list the training data of %s (%s): not checked against the test splits", run_dir, exc)
+    except (UserError, ValueError, OSError) as exc:
+        log.warning("cannot list the training data of %s (%s): not checked against the test splits", run.store.url, exc)
         return []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -21,10 +22,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from codetrain import checkpoint as ckpt
-from codetrain.config import ConfigError, TrainConfig, save_config
+from codetrain.config import TrainConfig, config_yaml
+from codetrain.errors import InvalidInputError, MissingInputError
 from codetrain.losses import GLOBAL_KEYS, LOCAL_KEYS, LossOutput, code_loss
-from codetrain.model import CoDEEmbedder, create_embedder, load_weights, save_weights
-from codetrain.runlog import RunLog, plot_loss_curve
+from codetrain.model import CoDEEmbedder, create_embedder, load_weights, weights_bytes
+from codetrain.runlayout import CheckpointFiles, RunLayout
+from codetrain.runlog import RowKind, RunLog, loss_curve_png
+from codetrain.storage import Location, Store, storage_defaults
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +101,9 @@ def estimate_steps_per_epoch(rows: int, batch_size: int, world_size: int, grad_a
     """Optimizer steps in one epoch: full batches of the smallest process share (bad records not yet known)."""
     steps = (rows // world_size // batch_size) // grad_accum
     if steps == 0:
-        raise ValueError(
+        raise InvalidInputError(
             f"{rows} training records cannot fill one step of {batch_size} x {grad_accum} records "
-            f"on each of {world_size} process(es): use a smaller batch_size or grad_accum"
+            f"on each of {world_size} process(es): use a smaller --batch-size or --grad-accum"
         )
     return steps
 
@@ -108,8 +112,8 @@ def estimate_steps_per_epoch(rows: int, batch_size: int, world_size: int, grad_a
 class TrainResult:
     """What a run produced."""
 
-    run_dir: Path
-    model_path: Path
+    run_dir: Location
+    model_path: Location
     """RUN/model.safetensors: the best embedder by validation accuracy (the last one without validation)."""
     steps: int
     epochs: int
@@ -144,21 +148,27 @@ class Trainer:
     """One training run: owns the accelerator, model, optimizer, data and logs."""
 
     def __init__(self, config: TrainConfig) -> None:
-        """Build everything; on `config.resume` restore the newest checkpoint."""
-        from codetrain.data import D3Records, RealImageSource, collate
-        from codetrain.realsource import require_real_images
+        """Check the inputs, build everything; on `config.resume` restore the newest checkpoint."""
+        from codetrain.data import D3Records, RealImageSource, check_shards, collate
         from codetrain.sources import Use, open_source, refuse_shared_files
-        from codetrain.views import ViewMaker
 
         config.validate()
         if not config.data:
-            raise ValueError("no training data: set `data` (the D3 shard root)")
+            raise MissingInputError("missing --data: the dataset to train on, a folder, URL or hub repo id (or `data:` in the config)")
+        if not config.run:
+            raise MissingInputError("missing --run: the run folder training writes (or `run:` in the config)")
         self.config = config
-        self.run = Path(config.out)
+        self.layout = RunLayout.open(config.run, config.storage_options)
+        self.store = self.layout.store
+        checkpoints = ckpt.list_checkpoints(self.layout)
+        if checkpoints and not config.resume:
+            raise InvalidInputError(f"{self.store.url} already holds checkpoints: pass --resume to continue, "
+                                    "or choose another --run")
         self.accelerator = make_accelerator(config)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         set_seed(config.seed)
-        self.model: CoDEEmbedder = create_embedder(config.model, config.img_size)
+        self.model: CoDEEmbedder = create_embedder(config.model, config.img_size, config.normalisation)
+        preprocessing = self.model.preprocessing
         self.real_source = RealImageSource(config.real_source) if config.real_source else None
         source = open_source(config.data)
         flags = "--train-split and --val-split (none: no validation)"
@@ -166,17 +176,18 @@ class Trainer:
         self.val_shards = source.shards(config.val_split) if config.val_split else []
         refuse_shared_files([Use("train", f"the train split {config.train_split!r}", shards),
                              Use("validation", f"the validation split {config.val_split!r}", self.val_shards)], flags)
-        require_real_images(shards, self.real_source, config.data)
+        check_shards(shards, self.real_source, config.data)
         self.dataset = D3Records(
             shards, seed=config.seed, shuffle_buffer=config.shuffle_buffer,
-            views=ViewMaker(local_size=config.local_size, global_size=config.img_size, max_ops=config.max_ops),
+            views=preprocessing.view_maker(config.local_size, config.max_ops),
             real_source=self.real_source, rank=self.rank, world_size=self.world, batch_size=config.batch_size,
         )
-        self.steps_per_epoch = config.steps_per_epoch or estimate_steps_per_epoch(
-            self.dataset.total, config.batch_size, self.world, config.grad_accum)
+        estimated = estimate_steps_per_epoch(self.dataset.total, config.batch_size, self.world, config.grad_accum)
+        self.steps_per_epoch = config.steps_per_epoch or estimated
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=collate,
+            self.dataset, batch_size=config.batch_size, num_workers=config.num_workers,
+            collate_fn=functools.partial(collate, mean=preprocessing.mean, std=preprocessing.std),
             drop_last=True, pin_memory=self.accelerator.device.type == "cuda",
         )
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -186,13 +197,11 @@ class Trainer:
             warmup_lr_init=min(1e-6, config.lr), warmup_prefix=True, t_in_epochs=False,
         )
         self.progress = _Progress()
-        if not config.resume and ckpt.list_checkpoints(self.run):
-            raise ValueError(f"{self.run} already holds checkpoints: pass --resume to continue, or choose another --out")
-        resume_from = ckpt.latest_checkpoint(self.run) if config.resume else None
+        resume_from = self.layout.checkpoint(checkpoints[-1].step) if config.resume and checkpoints else None
         if config.resume and resume_from is None:
-            log.warning("--resume: no checkpoint in %s/checkpoints, starting from scratch", self.run)
+            log.warning("--resume: no checkpoint in %s/%s, starting from scratch", self.store.url, RunLayout.CHECKPOINTS)
         if resume_from is not None:
-            load_weights(self.model, resume_from / "model.safetensors")
+            load_weights(self.model, resume_from.location_text(CheckpointFiles.MODEL), config.storage_options)
         self.ddp_model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         if resume_from is not None:
             self._restore(resume_from)
@@ -200,48 +209,49 @@ class Trainer:
         self.val_history: list[dict[str, Any]] = []
         self.runlog: RunLog | None = None
         if self.accelerator.is_main_process:
-            self.run.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.run / "config.yaml")
-            self.runlog = RunLog(self.run, config.tensorboard, self.progress.step if resume_from else None)
+            self.store.write_text(RunLayout.CONFIG, config_yaml(config))
+            self.runlog = RunLog(self.store, config.tensorboard, self.progress.step if resume_from else None)
         self.accelerator.wait_for_everyone()
 
     # --- checkpoints -------------------------------------------------------------------------
 
-    def _restore(self, folder: Path) -> None:
+    def _restore(self, folder: Store) -> None:
         """Load optimizer, scaler, counters, data position and RNG from a checkpoint folder."""
         optimizer_state, state = ckpt.load_train_state(folder)
         saved = (state.get("world_size"), state.get("config", {}).get("batch_size"))
         if saved != (self.world, self.config.batch_size):
-            raise ValueError(f"{folder} was written by {saved[0]} process(es) at batch_size {saved[1]}; "
-                             f"resume with the same (now {self.world} at {self.config.batch_size})")
+            raise InvalidInputError(f"{folder.url} was written by {saved[0]} process(es) at batch_size {saved[1]}; "
+                                    f"resume with the same (now {self.world} at {self.config.batch_size})")
         self.optimizer.load_state_dict(optimizer_state)
         if self.accelerator.scaler is not None and state.get("scaler"):
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.progress = _Progress(**state["progress"])
         ckpt.load_process_rng(folder, self.rank)
-        log.info("resumed from %s (step %d, epoch %d)", folder, self.progress.step, self.progress.epoch)
+        log.info("resumed from %s (step %d, epoch %d)", folder.url, self.progress.step, self.progress.epoch)
 
-    def save_checkpoint(self) -> Path:
-        """Write RUN/checkpoints/step-{n} (all processes take part) and prune old ones."""
+    def save_checkpoint(self) -> Location:
+        """Write RUN/checkpoints/step-{n} (all processes take part), mark it complete, prune old ones."""
         step = self.progress.step
-        staging = ckpt.staging_dir(self.run, step)
+        folder = self.layout.checkpoint(step)
         if self.accelerator.is_main_process:
-            staging.mkdir(parents=True, exist_ok=True)
+            ckpt.begin(self.layout, step)
         self.accelerator.wait_for_everyone()
-        ckpt.save_process_rng(staging, self.rank)
+        ckpt.save_process_rng(folder, self.rank)
         if self.accelerator.is_main_process:
-            save_weights(self.model, staging / "model.safetensors")
+            folder.write_bytes(CheckpointFiles.MODEL, weights_bytes(self.model))
             scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
-            ckpt.save_train_state(staging, self.optimizer.state_dict(), {
+            ckpt.save_train_state(folder, self.optimizer.state_dict(), {
                 "progress": self.progress.to_dict(), "scaler": scaler, "world_size": self.world,
                 "steps_per_epoch": self.steps_per_epoch, "config": self.config.to_dict(),
             })
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            ckpt.publish(self.run, step)
-            ckpt.prune(self.run, self.config.keep_checkpoints)
+            ckpt.mark_complete(folder, step)
+            ckpt.prune(self.layout, self.config.keep_checkpoints, step)
+            if self.runlog is not None:
+                self.runlog.flush()
         self.accelerator.wait_for_everyone()
-        return ckpt.checkpoint_dir(self.run, step)
+        return folder.location()
 
     # --- data --------------------------------------------------------------------------------
 
@@ -324,10 +334,10 @@ class Trainer:
         if p.best_val_acc is None or acc > p.best_val_acc:
             p.best_val_acc, p.best_step, p.bad_validations = acc, p.step, 0
             if self.accelerator.is_main_process:
-                save_weights(self.model, self.run / "model.safetensors")
+                self.store.write_bytes(RunLayout.MODEL, weights_bytes(self.model))
         else:
             p.bad_validations += 1
-        row = {"kind": "val", "step": p.step, "epoch": p.epoch, **metrics,
+        row = {"kind": RowKind.VAL.value, "step": p.step, "epoch": p.epoch, **metrics,
                "best_val_acc": p.best_val_acc, "best_step": p.best_step}
         self.val_history.append(row)
         if self.runlog is not None:
@@ -362,7 +372,7 @@ class Trainer:
                     window_start, window_steps = now, 0
                     bar.set_postfix(loss=f"{row['loss']:.3f}", rec_s=f"{rate:.1f}")
                     if self.runlog is not None:
-                        self.runlog.write({"kind": "train", "step": p.step, "epoch": p.epoch,
+                        self.runlog.write({"kind": RowKind.TRAIN.value, "step": p.step, "epoch": p.epoch,
                                            "records_per_s": rate, **row})
                 if p.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -392,10 +402,10 @@ class Trainer:
         reals = f"; the reals were looked for in {self.real_source.describe()}" if self.real_source is not None else ""
         if self.runlog is not None:
             self.runlog.close()
-        raise ConfigError(
-            self.config.data, "--real-source" if self.real_source is not None else "--data",
-            f"no training step could run: of the {self.dataset.total} records, fewer than a batch "
-            f"({self.config.batch_size}) were usable, the others skipped (each logged with its reason){reals}",
+        flag = f"--real-source {self.config.real_source}" if self.real_source is not None else f"--data {self.config.data}"
+        raise InvalidInputError(
+            f"{flag}: no training step could run: of the {self.dataset.total} records, fewer than a batch "
+            f"({self.config.batch_size}) were usable, the others skipped (each logged with its reason){reals}"
         )
 
     def _epoch_full(self) -> bool:
@@ -406,22 +416,24 @@ class Trainer:
     def _finish(self, stopped_early: bool) -> TrainResult:
         """Write the final model (if no validation chose one), the loss curve, and the result."""
         p = self.progress
-        model_path = self.run / "model.safetensors"
         if self.accelerator.is_main_process:
             if p.best_step is None:
-                save_weights(self.model, model_path)
+                self.store.write_bytes(RunLayout.MODEL, weights_bytes(self.model))
             if self.runlog is not None:
                 self.runlog.close()
-            plot_loss_curve(self.runlog.path if self.runlog else self.run / "metrics.jsonl", self.run / "loss_curve.png")
+                png = loss_curve_png(self.runlog.rows)
+                if png is not None:
+                    self.store.write_bytes(RunLayout.LOSS_CURVE, png)
         self.accelerator.wait_for_everyone()
-        return TrainResult(self.run, model_path, p.step, p.epoch, p.best_val_acc, p.best_step, stopped_early,
-                           dict(self.losses), list(self.val_history), self.rank)
+        return TrainResult(self.store.location(), self.store.location(RunLayout.MODEL), p.step, p.epoch, p.best_val_acc,
+                           p.best_step, stopped_early, dict(self.losses), list(self.val_history), self.rank)
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train a CoDE embedder as `config` says; outputs go to `config.out` (see TrainResult)."""
+    """Train a CoDE embedder as `config` says; outputs go to the run folder `config.run` (see TrainResult)."""
     try:
-        return Trainer(config).fit()
+        with storage_defaults([config.run, config.data, config.real_source], config.storage_options):
+            return Trainer(config).fit()
     finally:
         # Accelerate keeps one global state per process and refuses another precision or device;
         # dropping it (the process group stays) lets a process run train() again with other settings.

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from codetrain.config import add_config_flags, load_config, overrides_from_args
+from codetrain.config import (
+    TrainConfig,
+    add_config_flags,
+    load_config,
+    overrides_from_args,
+)
+from codetrain.errors import reports_user_errors
+from codetrain.runlayout import RunLayout
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -15,23 +21,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train the CoDE embedder on D3 shards",
         description="Train CoDE (ViT-Tiny from scratch, InfoNCE global + global-local) under Accelerate. "
-        "Settings: defaults < --config YAML < flags. With --resume and no --config, RUN/config.yaml is the base.",
+        "Settings: defaults < --config YAML < flags. With --resume and no --config, RUN/config.yaml is the base. "
+        "--data and --run may be local folders or fsspec URLs (s3://, memory://, file://).",
     )
     parser.add_argument("--config", "-c", help="YAML file of TrainConfig keys, e.g. configs/code_tiny.yaml")
-    add_config_flags(parser)
+    add_config_flags(parser, TrainConfig)
+    parser.add_argument("--global-only", dest="global_local", action="store_false", default=argparse.SUPPRESS,
+                        help="the global-only ablation (same as --no-global-local)")
     parser.set_defaults(func=run)
 
 
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
     """Load the config, train, print the result summary as JSON (main process only)."""
     from codetrain.train import train
 
-    overrides = overrides_from_args(args)
+    overrides = overrides_from_args(args, TrainConfig)
     base = args.config
-    if base is None and overrides.get("resume") and overrides.get("out"):
-        saved = Path(overrides["out"]) / "config.yaml"
-        base = str(saved) if saved.is_file() else None
-    result = train(load_config(base, overrides))
+    if base is None and overrides.get("resume") and overrides.get("run"):
+        saved = RunLayout.open(overrides["run"]).store
+        base = saved.location_text(RunLayout.CONFIG) if saved.exists(RunLayout.CONFIG) else None
+    result = train(load_config(base, overrides, TrainConfig))
     if result.rank != 0:
         return 0
     print(json.dumps({

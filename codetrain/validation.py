@@ -32,7 +32,8 @@ def validation_embeddings(
     was_training = model.training
     with accelerator.autocast():
         part = embed_shards(model, mine, batch_size=config.val_batch_size, real_source=real_source,
-                            desc=f"embed {config.val_split}") if mine else None
+                            desc=f"embed {config.val_split}",
+                            progress=config.progress and accelerator.is_main_process) if mine else None
     model.train(was_training)
     parts = [p for p in gather_object([part]) if p is not None and len(p)]
     if not parts:

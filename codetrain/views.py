@@ -2,7 +2,7 @@
 
 Every encoded image, whatever its class, size or use, is decoded by `decode_rgb` (full size,
 first frame, RGB) and its clean view made by `clean_view`: training's x_r/x_f, evaluation,
-detection and the exported bundle's documented preprocessing (`PREPROCESSING`) are the same
+detection and the exported bundle's documented preprocessing (`codetrain.preprocessing`) are the same
 function of the same bytes, bit for bit. Every training view's randomness (augmentation ops,
 crop boxes) is drawn from the record's RNG. Resizes run on uint8 tensors with torch's
 antialiased bilinear kernel (the same filter as Pillow's, about four times faster) on the
@@ -13,6 +13,7 @@ crop-then-resize is one interpolation of just the crop. Augmentation ops run on 
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
@@ -40,20 +41,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 """timm's IMAGENET_DEFAULT_MEAN/STD, copied so loader workers need not import timm (a test checks they agree)."""
 VIEW_KEYS = ("x_r", "x_f", "a_r", "a_f", "g_r", "g_f", "l_r", "l_f")
-PREPROCESSING = {
-    "decode": "Pillow at full size (no JPEG draft reduction), first frame; RGB with transparency composited over white",
-    "resize_shorter_side": round(EVAL_SIZE * RESIZE_RATIO),
-    "center_crop": EVAL_SIZE,
-    "interpolation": "bilinear (antialiased), resize and crop in one resample",
-    "scale": "pixel values / 255",
-    "mean": list(IMAGENET_MEAN),
-    "std": list(IMAGENET_STD),
-    "layout": "float32 NCHW, batch of [3, 224, 224]",
-}
-"""What `decode_rgb` + `eval_transform` do, as data (written into bundles' config.json)."""
 
-_MEAN = (np.array(IMAGENET_MEAN, np.float32) * 255).reshape(3, 1, 1)
-_INV_STD = (1 / (np.array(IMAGENET_STD, np.float32) * 255)).reshape(3, 1, 1)
+Stats = tuple[float, float, float]
+"""A per-channel (R, G, B) mean or std."""
 
 Box = tuple[int, int, int, int]
 """A crop (left, top, width, height) in the image's original pixels."""
@@ -83,11 +73,20 @@ def to_uint8(img: Image.Image) -> torch.Tensor:
         return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
-def normalise(x: torch.Tensor, out: np.ndarray | None = None) -> torch.Tensor:
-    """uint8 [C,H,W] (RGB first) to float32 [3,H,W], ImageNet mean/std normalised (into `out` if given)."""
+@functools.lru_cache(maxsize=8)
+def _pixel_stats(mean: Stats, std: Stats) -> tuple[np.ndarray, np.ndarray]:
+    """Mean x 255 and 1 / (std x 255) as [3,1,1] float32 arrays."""
+    return (np.array(mean, np.float32) * 255).reshape(3, 1, 1), (1 / (np.array(std, np.float32) * 255)).reshape(3, 1, 1)
+
+
+def normalise(
+    x: torch.Tensor, out: np.ndarray | None = None, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 [C,H,W] (RGB first) to float32 [3,H,W], mean/std normalised (into `out` if given)."""
+    pixel_mean, pixel_inv_std = _pixel_stats(tuple(mean), tuple(std))
     out = np.empty((3, *x.shape[1:]), np.float32) if out is None else out
-    np.subtract(x[:3].numpy(), _MEAN, out=out, dtype=np.float32)
-    out *= _INV_STD
+    np.subtract(x[:3].numpy(), pixel_mean, out=out, dtype=np.float32)
+    out *= pixel_inv_std
     return torch.from_numpy(out)
 
 
@@ -127,10 +126,13 @@ def clean_view(pixels: torch.Tensor, size: int = EVAL_SIZE) -> torch.Tensor:
     return center_crop(resize_short(pixels, round(size * RESIZE_RATIO)), size)[:3]
 
 
-def eval_transform(img: Image.Image, size: int = EVAL_SIZE) -> torch.Tensor:
-    """`clean_view` of an image, normalised: float32 [3,224,224], exactly training's x_r/x_f of the same pixels."""
+def eval_transform(img: Image.Image, size: int = EVAL_SIZE, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD) -> torch.Tensor:
+    """`clean_view` of an image, normalised: float32 [3,size,size], exactly training's x_r/x_f of the same pixels.
+
+    Callers with a model use `codetrain.preprocessing.Preprocessing.transform`, which passes the model's values.
+    """
     with single_thread():
-        return normalise(clean_view(to_uint8(to_rgb(img)), size))
+        return normalise(clean_view(to_uint8(to_rgb(img)), size), None, mean, std)
 
 
 def random_resized_crop_box(size: tuple[int, int], scale: tuple[float, float], rng: np.random.Generator) -> Box:
@@ -168,9 +170,13 @@ class ViewPlan:
 class ViewMaker:
     """Draws and renders x/a/g/l views of a real and a fake image (only x in eval mode)."""
 
-    def __init__(self, local_size: int = 96, global_size: int = 224, max_ops: int = 2, eval_mode: bool = False) -> None:
+    def __init__(
+        self, local_size: int = 96, global_size: int = EVAL_SIZE, max_ops: int = 2, eval_mode: bool = False,
+        mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD,
+    ) -> None:
         self.local_size, self.global_size, self.max_ops, self.eval_mode = local_size, global_size, max_ops, eval_mode
         self.short_side = round(global_size * RESIZE_RATIO)
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def draw(self, size: tuple[int, int], rng: np.random.Generator) -> ViewPlan:
         """Draw one image's ops and crop boxes (nothing in eval mode)."""
@@ -209,7 +215,7 @@ class ViewMaker:
         plans = self.draw(real.size, rng), self.draw(fake.size, rng)
         with single_thread():
             views = {**self.render(to_rgb(real), plans[0], "r"), **self.render(to_rgb(fake), plans[1], "f")}
-        return {key: normalise(view) for key, view in views.items()} if normalised else views
+        return {key: normalise(view, None, self.mean, self.std) for key, view in views.items()} if normalised else views
 
     def make_encoded(
         self, real: bytes, fake: bytes, rng: np.random.Generator, normalised: bool = True

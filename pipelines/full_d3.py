@@ -38,7 +38,7 @@ def stage_commands(manifest_path: str, output_root: str | None, accelerate: list
         d3builder + ["transform-test", *common],
         accelerate + ["-m", "d3builder", "extend", *common],
         d3builder + ["validate", str(manifest.output_root)],
-        accelerate + ["-m", "codetrain", "train", "--config", train_config, "--data", d3, "--out", run],
+        accelerate + ["-m", "codetrain", "train", "--config", train_config, "--data", d3, "--run", run],
         [sys.executable, "-m", "codetrain", "evaluate", "--run", run, "--data", d3, "--extended", str(manifest.output_root)],
     ]
     return commands

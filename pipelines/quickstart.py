@@ -17,8 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from codetrain.config import load_config
+from codetrain.checkpoint import list_checkpoints
+from codetrain.config import EvalConfig, load_config
 from codetrain.evaluate import evaluate
+from codetrain.runlayout import EvalFiles, RunLayout
 from codetrain.train import train
 from d3builder.embedded.photos import embedded_server
 from d3builder.generators.render import generate_shards
@@ -73,14 +75,14 @@ def train_detector(manifest: Manifest, run_dir: Path, train_steps: int, progress
         return
     config = load_config(
         ROOT / "configs" / "code_tiny.yaml",
-        {"data": str(manifest.layout.d3_dir()), "out": str(run_dir), "max_steps": train_steps,
+        {"data": str(manifest.layout.d3_dir()), "run": str(run_dir), "max_steps": train_steps,
          "epochs": train_steps, "patience": 0, "checkpoint_every": max(1, train_steps // 4),
-         "resume": (run_dir / "checkpoints").is_dir(), "progress": progress},
+         "resume": bool(list_checkpoints(run_dir)), "progress": progress},
     )
     result = stage("train CoDE", lambda: train(config))
     losses = list(result.losses.values())
     if losses:
-        print(f"loss: first {losses[0]:.3f}, last {losses[-1]:.3f} over {result.steps} steps; curve {run_dir / 'loss_curve.png'}")
+        print(f"loss: first {losses[0]:.3f}, last {losses[-1]:.3f} over {result.steps} steps; curve {run_dir / RunLayout.LOSS_CURVE}")
     done_marker.write_text(json.dumps({"max_steps": train_steps, "steps": result.steps}))
 
 
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         train_detector(manifest, run_dir, args.train_steps, progress)
         result = stage(
             "evaluate",
-            lambda: evaluate(run_dir, str(manifest.layout.d3_dir()), extended_dir=root / "extended"),
+            lambda: evaluate(EvalConfig(run=str(run_dir), data=str(manifest.layout.d3_dir()), extended=str(root / "extended"),
+                                        progress=progress)),
         )
     except RuntimeError as exc:
         print(f"\nquickstart stopped: {exc}\nFix the cause and rerun: finished stages are kept.", file=sys.stderr)
@@ -111,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + result.report)
     print(f"\nQuickstart finished in {time.time() - start:.0f} s.")
     print(f"Dataset:  {manifest.layout.d3_dir()} (load it with datasets.load_dataset(\"{manifest.layout.d3_dir()}\"))")
-    print(f"Detector: {run_dir / 'model.safetensors'}")
-    print(f"Report:   {Path(result.out_dir) / 'report.md'} (plots beside it)")
+    print(f"Detector: {run_dir / RunLayout.MODEL}")
+    print(f"Report:   {Path(result.out_dir) / EvalFiles.REPORT} (plots beside it)")
     return 0
 
 

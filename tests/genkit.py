@@ -11,7 +11,6 @@ import torch
 import yaml
 from stagekit import make_stage_inputs
 
-from d3builder.generators.tiny import CACHE_ENV
 from d3builder.recipe.manifest import Manifest, load_manifest
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
@@ -36,15 +35,6 @@ def make_records(root: Path, n_records: int, shard_size: int, batch_size: int = 
     manifest.extended.generators = ["sd15-tiny"]
     manifest.generate.batch_size = batch_size
     return save_manifest(manifest, root / "manifest.yaml")
-
-
-@pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Tiny twins built once per session into a private cache folder (inherited by subprocesses)."""
-    folder = tmp_path_factory.mktemp("tiny-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(CACHE_ENV, str(folder))
-        yield folder
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,6 +15,7 @@ from datasets import DatasetInfo, SplitDict, SplitInfo
 from datasets.info import DatasetInfosDict
 from huggingface_hub import DatasetCardData
 from PIL import Image, ImageFilter
+from rowkit import d3_row, schema_row
 from skimage import data as skdata
 from sklearn.datasets import load_sample_images
 
@@ -93,41 +94,15 @@ def make_record(index: int, split: str, seed: int, sizes: Sizes) -> tuple[dict, 
     rng = np.random.default_rng([seed, index])
     rid = record_id(seed, index)
     real = jpeg(photo_crop(rng, draw_size(rng, sizes.real)))
-    row = {
-        "id": rid,
-        "original_prompt": f"a photo number {index}",
-        "positive_prompt": f"a photo number {index}, high quality",
-        "negative_prompt": "",
-        "url": f"http://127.0.0.1/{rid}.jpg",
-        "split": split,
-        "image_real": image_cell(real),
-        "width_real": None,
-        "height_real": None,
-        "encoding_real": "JPEG",
-        "sha256_real": None,
-    }
-    for slot in range(NUM_D3_GENERATORS):
+    fakes = []
+    for _ in range(NUM_D3_GENERATORS):
         size = draw_size(rng, sizes.fake)
-        fake = jpeg(fake_look(photo_crop(rng, size), rng))
-        row.update(
-            {
-                f"model_gen{slot}": MODELS[slot],
-                f"width_gen{slot}": size[0],
-                f"height_gen{slot}": size[1],
-                f"num_inference_steps_gen{slot}": 50,
-                f"filepath_gen{slot}": f"gen{slot}/{rid}.jpg",
-                f"image_gen{slot}": image_cell(fake),
-                f"generator_gen{slot}": GENERATORS[slot],
-                f"seed_gen{slot}": index,
-                f"guidance_scale_gen{slot}": 7.5,
-                f"scheduler_gen{slot}": "DDIMScheduler",
-                f"model_revision_gen{slot}": "main",
-                f"encoding_gen{slot}": "JPEG",
-                f"jpeg_quality_gen{slot}": 90,
-                f"safety_checker_gen{slot}": False,
-                f"watermark_gen{slot}": False,
-            }
-        )
+        fakes.append((jpeg(fake_look(photo_crop(rng, size), rng)), size))
+    row = d3_row(
+        rid, real, fakes, split=split, models=MODELS, generators=GENERATORS,
+        original_prompt=f"a photo number {index}", positive_prompt=f"a photo number {index}, high quality",
+        **{f"seed_gen{slot}": index for slot in range(NUM_D3_GENERATORS)},
+    )
     return row, real
 
 
@@ -155,6 +130,13 @@ def make_d3_shards(
     return paths
 
 
+def real_row(record_id: str, url: str | None, data: bytes, encoding: str | None = "JPEG") -> dict:
+    """A `real/` shard row of a successful download of `data` (as fetch-real writes it, served by its own URL)."""
+    return schema_row(REAL_FEATURES, id=record_id, url=url, status="success", error_message=None, image=image_cell(data),
+                      width=None, height=None, encoding=encoding, sha256=None, num_bytes=len(data), url_index=0,
+                      served_url=url)
+
+
 def write_real_sources(
     folder: str | Path, n_records: int, seed: int = 0, sizes: Sizes = Sizes(), shard_size: int = 16
 ) -> tuple[Path, Path]:
@@ -165,20 +147,7 @@ def write_real_sources(
     for index in range(n_records):
         row, real = make_record(index, "train", seed, sizes)
         (files_dir / f"{row['id']}.jpg").write_bytes(real)
-        rows.append(
-            {
-                "id": row["id"],
-                "url": row["url"],
-                "status": "success",
-                "error_message": None,
-                "image": image_cell(real),
-                "width": None,
-                "height": None,
-                "encoding": "JPEG",
-                "sha256": None,
-                "num_bytes": len(real),
-            }
-        )
+        rows.append(real_row(row["id"], row["url"], real))
     order = np.random.default_rng(seed).permutation(n_records)  # reals are not in record order
     shuffled = [rows[i] for i in order]
     for shard, start in enumerate(range(0, n_records, shard_size)):

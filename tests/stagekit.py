@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
+from rowkit import schema_row
 
 from d3builder.recipe.manifest import (
     Manifest,
@@ -22,6 +23,7 @@ from d3builder.recipe.manifest import (
 from d3builder.storage.layout import DataLayout
 from d3builder.storage.schema import GEN_FEATURES, REAL_FEATURES, RECORD_FEATURES
 from d3builder.storage.shards import image_cell, write_shard
+from d3builder.storage.units import write_stats
 
 GENERATORS = ("if-tiny", "sd14-tiny", "sd21-tiny", "sdxl-tiny")
 ENCODINGS = ("JPEG", "PNG", "GIF", "BMP", "TIFF")
@@ -86,7 +88,7 @@ def make_stage_inputs(
     split_cycle: Sequence[str] = ("train", "train", "validation", "test"),
     skip: Iterable[tuple[str, int]] = (),
 ) -> StageInputs:
-    """Write records/, real/ and gen/{g}/ shards for `n_records` records.
+    """Write records/, real/ and gen/{g}/ shards for `n_records` records, each unit with its stats file.
 
     `fail` maps a record id to reasons among real_missing, real_failed, gen_missing:<g>,
     gen_failed:<g>; `skip` names (generator, shard) gen shards not to write at all.
@@ -106,6 +108,7 @@ def make_stage_inputs(
         write_shard([_record_row(r, splits[r], shard) for r in ids], layout.records(shard), RECORD_FEATURES)
         real_rows = [_real_row(r, fails.get(r, [])) for r in ids if "real_missing" not in fails.get(r, [])]
         write_shard(real_rows, layout.real(shard), REAL_FEATURES)
+        write_stats(layout.stats("fetch-real", shard), {"shard": shard, "records": len(real_rows)})
         for slot, generator in enumerate(generators):
             if (generator, shard) in skipped:
                 continue
@@ -115,29 +118,33 @@ def make_stage_inputs(
                 if f"gen_missing:{generator}" not in fails.get(r, [])
             ]
             write_shard(rows, layout.gen(generator, shard), GEN_FEATURES)
+            write_stats(layout.stats("generate", shard, generator), {"shard": shard, "records": len(rows), "splits": None})
+    write_stats(layout.stats("select", 0), {"kept": n_records, "shards": len(shards)})
     return StageInputs(manifest=manifest, shards=shards, splits=splits, fail=fails)
 
 
 def _record_row(record: str, split: str, shard: int) -> dict:
     caption = f"a photo number {record}"
-    return {
-        "id": record,
-        "url": f"http://127.0.0.1:9/{record}.jpg",
-        "original_prompt": caption,
-        "positive_prompt": caption,
-        "negative_prompt": "",
-        "split": split,
-        "shard": shard,
-        "selection_hash": int(record) / 1e6,
-        "SAMPLE_ID": int(record),
-        "URL": f"http://127.0.0.1:9/{record}.jpg",
-        "TEXT": caption,
-        "LICENSE": "?",
-        "NSFW": "UNLIKELY",
-        "similarity": 0.33,
-        "WIDTH": 40,
-        "HEIGHT": 30,
-    }
+    return schema_row(
+        RECORD_FEATURES,
+        id=record,
+        url=f"http://127.0.0.1:9/{record}.jpg",
+        alternate_urls=[],
+        original_prompt=caption,
+        positive_prompt=caption,
+        negative_prompt="",
+        split=split,
+        shard=shard,
+        selection_hash=int(record) / 1e6,
+        SAMPLE_ID=int(record),
+        URL=f"http://127.0.0.1:9/{record}.jpg",
+        TEXT=caption,
+        LICENSE="?",
+        NSFW="UNLIKELY",
+        similarity=0.33,
+        WIDTH=40,
+        HEIGHT=30,
+    )
 
 
 def _real_row(record: str, reasons: list[str]) -> dict:
@@ -145,18 +152,21 @@ def _real_row(record: str, reasons: list[str]) -> dict:
     encoding = ("JPEG", "PNG")[int(record) % 2]
     size = SIZES[int(record) % len(SIZES)]
     data = None if failed else image_bytes(int(record), size, encoding)
-    return {
-        "id": record,
-        "url": f"http://127.0.0.1:9/{record}.jpg",
-        "status": "failed" if failed else "success",
-        "error_message": "HTTP 404" if failed else None,
-        "image": image_cell(data, f"{record}.{encoding.lower()}"),
-        "width": None if failed else size[0],
-        "height": None if failed else size[1],
-        "encoding": None if failed else encoding,
-        "sha256": None if failed else hashlib.sha256(data).hexdigest(),
-        "num_bytes": None if failed else len(data),
-    }
+    return schema_row(
+        REAL_FEATURES,
+        id=record,
+        url=f"http://127.0.0.1:9/{record}.jpg",
+        status="failed" if failed else "success",
+        error_message="HTTP 404" if failed else None,
+        image=image_cell(data, f"{record}.{encoding.lower()}"),
+        width=None if failed else size[0],
+        height=None if failed else size[1],
+        encoding=None if failed else encoding,
+        sha256=None if failed else hashlib.sha256(data).hexdigest(),
+        num_bytes=None if failed else len(data),
+        url_index=None if failed else 0,
+        served_url=None if failed else f"http://127.0.0.1:9/{record}.jpg",
+    )
 
 
 def _gen_row(record: str, slot: int, generator: str, reasons: list[str]) -> dict:
@@ -164,28 +174,29 @@ def _gen_row(record: str, slot: int, generator: str, reasons: list[str]) -> dict
     encoding = ENCODINGS[(int(record) + slot) % len(ENCODINGS)]
     size = SIZES[(int(record) + slot) % len(SIZES)]
     seed = int(record) * 10 + slot
-    return {
-        "id": record,
-        "generator": generator,
-        "status": "failed" if failed else "success",
-        "error_message": "RuntimeError: out of memory" if failed else None,
-        "image": None if failed else image_cell(image_bytes(seed, size, encoding)),
-        "model": f"tiny/{generator}",
-        "model_revision": f"rev-{slot}",
-        "pipeline": "StableDiffusionPipeline",
-        "scheduler": "PNDMScheduler",
-        "dtype": "float32",
-        "num_inference_steps": 2,
-        "guidance_scale": 7.5,
-        "seed": seed,
-        "width": size[0],
-        "height": size[1],
-        "encoding": encoding,
-        "jpeg_quality": 90 if encoding == "JPEG" else None,
-        "safety_checker": False,
-        "watermark": False,
-        "prompt": f"a photo number {record}",
-        "negative_prompt": "",
-        "software": '{"diffusers": "0.0-test", "torch": "0.0-test"}',
-        "seconds": 0.01,
-    }
+    return schema_row(
+        GEN_FEATURES,
+        id=record,
+        generator=generator,
+        status="failed" if failed else "success",
+        error_message="RuntimeError: out of memory" if failed else None,
+        image=None if failed else image_cell(image_bytes(seed, size, encoding)),
+        model=f"tiny/{generator}",
+        model_revision=f"rev-{slot}",
+        pipeline="StableDiffusionPipeline",
+        scheduler="PNDMScheduler",
+        dtype="float32",
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        seed=seed,
+        width=size[0],
+        height=size[1],
+        encoding=encoding,
+        jpeg_quality=90 if encoding == "JPEG" else None,
+        safety_checker=False,
+        watermark=False,
+        prompt=f"a photo number {record}",
+        negative_prompt="",
+        software='{"diffusers": "0.0-test", "torch": "0.0-test"}',
+        seconds=0.01,
+    )

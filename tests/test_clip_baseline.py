@@ -14,6 +14,7 @@ from shardkit import GENERATORS, make_d3_shards
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from codetrain.clip_baseline import load_clip_embedder, parse_baseline
+from codetrain.config import EvalConfig
 from codetrain.evaluate import evaluate
 from codetrain.model import create_embedder, save_weights
 
@@ -77,8 +78,8 @@ def test_local_weights_round_trip_and_refusals(config: Path, tmp_path: Path) -> 
 
 def test_clip_runs_through_the_harness(config: Path, data: dict[str, Path], tmp_path: Path) -> None:
     clip = load_clip_embedder(str(config))
-    result = evaluate(data["run"], str(data["d3"]), out_dir=tmp_path / "clip", fit_split="validation", classifiers=("linear",),
-                      embedder=clip, robustness=False)
+    result = evaluate(EvalConfig(run=str(data["run"]), data=str(data["d3"]), eval_dir=str(tmp_path / "clip"),
+                                 fit_split="validation", classifiers=["linear"], robustness=False), embedder=clip)
     assert [(r["detector"], r["classifier"], r["split"]) for r in result.results] == [("CLIP tiny-clip", "linear", "test")]
     assert set(result.results[0]["per_generator"]) == set(GENERATORS)
     assert (result.results[0]["n_real"], result.results[0]["n_fake"]) == (6, 24)
@@ -88,8 +89,8 @@ def test_clip_runs_through_the_harness(config: Path, data: dict[str, Path], tmp_
 
 def test_baseline_rows_join_the_code_table(config: Path, data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "both"
-    result = evaluate(data["run"], str(data["d3"]), out_dir=out, fit_split="validation", classifiers=("linear", "knn"),
-                      robustness=False, baselines=[f"clip:{config}"])
+    result = evaluate(EvalConfig(run=str(data["run"]), data=str(data["d3"]), eval_dir=str(out), fit_split="validation",
+                                 classifiers=["linear", "knn"], robustness=False, baselines=[f"clip:{config}"]))
     assert [(r["detector"], r["classifier"]) for r in result.results] == [("CoDE", "linear"), ("CoDE", "knn"), ("CLIP tiny-clip", "linear")]
     assert (out / "baselines" / "clip-tiny-clip" / "classifiers" / "linear.skops").is_file()
     assert sorted(p.name for p in (out / "classifiers").glob("*.skops")) == ["knn.skops", "linear.skops"]

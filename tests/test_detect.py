@@ -13,7 +13,14 @@ from PIL import Image
 from shardkit import fake_look, photo_crop
 
 from codetrain.cli import main
-from codetrain.detect import CSV_COLUMNS, detect, find_images, load_detector
+from codetrain.detect import (
+    CSV_COLUMNS,
+    SkipReason,
+    Unscored,
+    detect,
+    find_images,
+    load_detector,
+)
 from codetrain.embed import (
     REAL_GENERATOR,
     Embeddings,
@@ -22,16 +29,17 @@ from codetrain.embed import (
     open_image_file,
 )
 from codetrain.evaluate import fit_classifiers
-from codetrain.model import create_embedder, save_weights
+from codetrain.model import CoDEEmbedder, create_embedder, save_weights
+from codetrain.preprocessing import Preprocessing
 from codetrain.views import eval_transform
 
 GOOD = ("photo.jpg", "alpha.png", "photo.webp", "photo.bmp", "anim.gif", "photo.tiff", "sub/grey.png", "sub/deep/tiny.jpg", "upper.JPEG")
 BAD = ("corrupt.jpg", "text.png")
 
 
-def fit_run(run: Path, n: int = 12) -> None:
-    """Save a fresh tiny embedder and fit all three classifiers on photo crops (real) vs blurred noisy crops (fake)."""
-    model = create_embedder("test_vit")
+def fit_run(run: Path, n: int = 12, model: CoDEEmbedder | None = None) -> None:
+    """Save a tiny embedder (a fresh test_vit by default) and fit all three classifiers on photo crops (real) vs blurred noisy crops (fake)."""
+    model = model if model is not None else create_embedder("test_vit")
     save_weights(model, run / "model.safetensors")
     rng = np.random.default_rng(0)
     reals = [photo_crop(rng, (64, 48)) for _ in range(n)]
@@ -78,32 +86,36 @@ def test_folder_scan_scores_good_files_and_lists_bad_ones(setup: dict[str, Path]
     result = detect(setup["run"], [setup["images"]], out_csv=out, batch_size=4)
     images = setup["images"]
     assert sorted(d.path for d in result.detections) == sorted(str(images / p) for p in GOOD)
-    reasons = dict(result.unreadable)
+    reasons = {u.path: u.message for u in result.unscored}
     assert sorted(reasons) == sorted(str(images / p) for p in BAD)
+    assert {u.reason for u in result.unscored} == {SkipReason.UNREADABLE}
     assert "truncated" in reasons[str(images / "corrupt.jpg")].lower()
     assert "cannot identify" in reasons[str(images / "text.png")]
     with open(out, newline="") as fh:
         rows = list(csv.reader(fh))
     assert tuple(rows[0]) == CSV_COLUMNS
-    assert [(r[0], float(r[1]), r[2], r[3]) for r in rows[1:]] == [
-        (d.path, pytest.approx(d.score, rel=1e-5), d.label, "linear") for d in result.detections]
+    scored, unscored = rows[1 : 1 + len(GOOD)], rows[1 + len(GOOD) :]
+    assert [(r[0], float(r[1]), r[2], r[3], r[4]) for r in scored] == [
+        (d.path, pytest.approx(d.score, rel=1e-5), d.label.value, "linear", "") for d in result.detections]
+    assert unscored == [[u.path, "", "unscored", "linear", u.message] for u in result.unscored]
     for det in result.detections:
         assert det.label == ("fake" if det.score > 0 else "real")
     counts = result.counts()
-    assert counts["real"] + counts["fake"] == len(GOOD) and counts["unreadable"] == 2
+    assert counts["real"] + counts["fake"] == len(GOOD) and counts["unscored"] == 2
     summary = result.summary()
-    assert f"{len(GOOD)} images scored with linear" in summary and "2 unreadable" in summary
+    assert f"{len(GOOD)} images scored with linear" in summary and "2 not scored" in summary
     assert "corrupt.jpg" in summary and "text.png" in summary
 
 
 def test_scores_equal_the_evaluation_preprocessing_and_do_not_depend_on_batching(setup: dict[str, Path]) -> None:
     model, clf = load_detector(setup["run"], "linear")
+    assert model.preprocessing == Preprocessing(160)  # test_vit's input size (timm's data config), ImageNet mean/std
     files = [setup["images"] / p for p in GOOD]
     one = detect(setup["run"], files, batch_size=1)
     many = detect(setup["run"], files, batch_size=32)
     np.testing.assert_allclose([d.score for d in one.detections], [d.score for d in many.detections], rtol=1e-4, atol=1e-5)
     with torch.inference_mode():
-        emb = model(torch.stack([eval_transform(open_image_file(f)) for f in files])).numpy()
+        emb = model(torch.stack([eval_transform(open_image_file(f), 160) for f in files])).numpy()
     np.testing.assert_allclose(clf.score(emb), [d.score for d in many.detections], rtol=1e-4, atol=1e-5)
 
 
@@ -119,7 +131,7 @@ def test_other_classifiers_missing_paths_and_explicit_files(setup: dict[str, Pat
     result = detect(setup["run"], [setup["images"] / "photo.jpg", setup["images"] / "missing.png", setup["images"] / "notes.txt"], "knn")
     assert [d.path for d in result.detections] == [str(setup["images"] / "photo.jpg")]
     assert result.detections[0].classifier == "knn"
-    reasons = dict(result.unreadable)
+    reasons = {u.path: u.message for u in result.unscored}
     assert reasons[str(setup["images"] / "missing.png")] == "no such file or folder"
     assert "cannot identify" in reasons[str(setup["images"] / "notes.txt")]
     missing: list = []
@@ -142,9 +154,45 @@ def test_clear_errors_without_usable_classifiers(tmp_path: Path, setup: dict[str
 
 def test_cli_writes_csv_and_prints_summary(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "d.csv"
-    assert main(["detect", "--run", str(setup["run"]), str(setup["images"]), "--out", str(out), "--classifier", "ocsvm"]) == 0
+    assert main(["detect", "--run", str(setup["run"]), str(setup["images"]), "--csv", str(out), "--classifier", "ocsvm",
+                 "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert f"{len(GOOD)} images scored with ocsvm" in printed and "unreadable: " in printed
+    assert f"{len(GOOD)} images scored with ocsvm" in printed and "not scored: " in printed
     with open(out, newline="") as fh:
-        assert len(list(csv.DictReader(fh))) == len(GOOD)
-    assert main(["detect", "--run", str(setup["run"]), str(setup["images"] / "text.png"), "--out", str(tmp_path / "e.csv")]) == 1
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["path"] for r in rows if r["label"] in ("real", "fake")) == sorted(str(setup["images"] / p) for p in GOOD)
+    assert sorted(r["path"] for r in rows if r["label"] == "unscored") == sorted(str(setup["images"] / p) for p in BAD)
+    assert main(["detect", "--run", str(setup["run"]), str(setup["images"] / "text.png"), "--csv", str(tmp_path / "e.csv")]) == 1
+
+
+def test_symlink_loops_and_broken_links_are_reported_in_the_csv(setup: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "links"
+    folder.mkdir()
+    (folder / "photo.jpg").symlink_to(setup["images"] / "photo.jpg")
+    (folder / "a.jpg").symlink_to(folder / "b.jpg")
+    (folder / "b.jpg").symlink_to(folder / "a.jpg")
+    (folder / "gone.png").symlink_to(folder / "nothing.png")
+    (folder / "self.png").symlink_to(folder / "self.png")
+    out = tmp_path / "d.csv"
+    result = detect(setup["run"], [folder, folder / "self.png"], out_csv=out)
+    assert [d.path for d in result.detections] == [str(folder / "photo.jpg")]
+    assert [(u.path, u.reason) for u in result.unscored] == [
+        (str(folder / "a.jpg"), SkipReason.LINK_LOOP), (str(folder / "b.jpg"), SkipReason.LINK_LOOP),
+        (str(folder / "gone.png"), SkipReason.BROKEN_LINK), (str(folder / "self.png"), SkipReason.LINK_LOOP),
+        (str(folder / "self.png"), SkipReason.LINK_LOOP)]
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["path"], r["label"], r["reason"]) for r in rows] == [(str(folder / "photo.jpg"), result.detections[0].label.value, "")] + [
+        (u.path, "unscored", u.reason.value) for u in result.unscored]
+    unscored: list[Unscored] = []
+    assert find_images([folder], unscored) == [folder / "photo.jpg"] and len(unscored) == 4
+
+
+def test_cli_run_without_classifiers_is_one_line_exit_2(tmp_path: Path, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    bare = tmp_path / "bare"
+    save_weights(create_embedder("test_vit"), bare / "model.safetensors")
+    assert main(["detect", "--run", str(bare), str(setup["images"]), "--csv", str(tmp_path / "d.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("codetrain detect: error: no fitted classifiers in ") and str(bare / "eval" / "classifiers") in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "d.csv").exists()

@@ -7,12 +7,18 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from shardkit import ElsaRepo, record_id, write_elsa_repo, write_elsa_test_folders
+from shardkit import (
+    ElsaRepo,
+    real_row,
+    record_id,
+    write_elsa_repo,
+    write_elsa_test_folders,
+)
 
 from codetrain.cli import main
 from codetrain.sources import open_source, resolve_data
 from d3builder.storage.schema import REAL_FEATURES
-from d3builder.storage.shards import image_cell, write_shard
+from d3builder.storage.shards import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 3
@@ -36,7 +42,7 @@ def test_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run(elsa: ElsaRepo, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One epoch of training on the ELSA folder through the CLI (a run folder with config.yaml and a model)."""
     out = tmp_path_factory.mktemp("runs") / "elsa"
-    assert main(["train", *TRAIN_FLAGS, "--data", str(elsa.root), "--real-source", str(elsa.reals), "--out", str(out),
+    assert main(["train", *TRAIN_FLAGS, "--data", str(elsa.root), "--real-source", str(elsa.reals), "--run", str(out),
                  "--epochs", "1", "--max-steps", "none"]) == 0
     return out
 
@@ -75,25 +81,23 @@ def test_training_reads_every_data_file_of_the_cards_train_split(run: Path, elsa
 
 def test_training_without_usable_reals_is_one_line_and_writes_no_model(elsa: ElsaRepo, tmp_path: Path, capsys) -> None:
     common = [*TRAIN_FLAGS, "--data", str(elsa.root), "--max-steps", "2"]
-    assert main(["train", *common, "--out", str(tmp_path / "none")]) == 2
+    assert main(["train", *common, "--run", str(tmp_path / "none")]) == 2
     one_line_error(capsys, "--real-source", "carry no real image", "ELSA_D3", "d3builder fetch-real")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["train", *common, "--out", str(tmp_path / "empty-run"), "--real-source", str(empty)]) == 2
+    assert main(["train", *common, "--run", str(tmp_path / "empty-run"), "--real-source", str(empty)]) == 2
     one_line_error(capsys, "--real-source", "no real image for any record", str(empty), "d3builder fetch-real")
     broken = tmp_path / "broken"  # reals that were "fetched" but do not decode: every record is skipped
     ids = [record_id(SEED, i) for i in range(32)]
-    write_shard([{"id": i, "url": None, "status": "success", "error_message": None, "image": image_cell(b"not an image"),
-                  "width": None, "height": None, "encoding": None, "sha256": None, "num_bytes": 12} for i in ids],
-                broken / "real" / "00000.parquet", REAL_FEATURES)
-    assert main(["train", *common, "--out", str(tmp_path / "broken-run"), "--real-source", str(broken)]) == 2
+    write_shard([real_row(i, None, b"not an image", None) for i in ids], broken / "real" / "00000.parquet", REAL_FEATURES)
+    assert main(["train", *common, "--run", str(tmp_path / "broken-run"), "--real-source", str(broken)]) == 2
     one_line_error(capsys, "--real-source", "no training step could run", "1 real/ shard(s) under")
     for name in ("none", "empty-run", "broken-run"):
         assert not (tmp_path / name / "model.safetensors").exists(), name
 
 
 def test_evaluate_refuses_missing_splits_naming_the_flags(run: Path, elsa: ElsaRepo, tmp_path: Path, capsys) -> None:
-    base = ["evaluate", "--run", str(run), "--real-source", str(elsa.reals), "--out", str(tmp_path / "out"), "--no-robustness"]
+    base = ["evaluate", "--run", str(run), "--real-source", str(elsa.reals), "--eval-dir", str(tmp_path / "out"), "--no-robustness"]
     assert main([*base, "--data", str(elsa.root)]) == 2
     one_line_error(capsys, "--fit-split", "no 'fit_augm' split", "train, validation", "--test-splits")
     assert main([*base, "--data", str(elsa.root), "--fit-split", "validation"]) == 2
@@ -105,7 +109,7 @@ def test_evaluate_refuses_missing_splits_naming_the_flags(run: Path, elsa: ElsaR
 
 def test_one_file_is_never_both_fit_or_training_data_and_test_data(run: Path, elsa: ElsaRepo, tmp_path: Path, capsys) -> None:
     single = str(elsa.validation[0])
-    base = ["evaluate", "--run", str(run), "--real-source", str(elsa.reals), "--out", str(tmp_path / "out"), "--no-robustness"]
+    base = ["evaluate", "--run", str(run), "--real-source", str(elsa.reals), "--eval-dir", str(tmp_path / "out"), "--no-robustness"]
     assert main([*base, "--data", single]) == 2  # one file offers one split: the defaults are not there
     one_line_error(capsys, "--fit-split", "no 'fit_augm' split", "validation")
     assert main([*base, "--data", single, "--fit-split", "validation", "--test-splits", "validation"]) == 2
@@ -120,7 +124,7 @@ def test_evaluate_on_the_published_test_folders_per_generator_and_variant(
 ) -> None:
     out = tmp_path / "eval"
     assert main(["evaluate", "--run", str(run), "--data", str(elsa.root), "--real-source", str(elsa.reals),
-                 "--fit-split", "validation", "--test-data", str(test_folders), "--out", str(out),
+                 "--fit-split", "validation", "--test-data", str(test_folders), "--eval-dir", str(out),
                  "--classifiers", "linear", "knn", "--jpeg", "50", "--downscale", "--blur", "--crop"]) == 0
     printed = capsys.readouterr().out
     saved = json.loads((out / "results.json").read_text())
@@ -143,5 +147,5 @@ def test_real_shards_without_image_real_column_in_our_layout_name_real_source_fo
     for path in elsa.train:
         (flat / "train").mkdir(parents=True, exist_ok=True)
         pq.write_table(pq.read_table(path), flat / "train" / f"train-{path.name.split('-')[1]}.parquet")
-    assert main(["train", *TRAIN_FLAGS, "--data", str(flat), "--out", str(tmp_path / "r"), "--max-steps", "1"]) == 2
+    assert main(["train", *TRAIN_FLAGS, "--data", str(flat), "--run", str(tmp_path / "r"), "--max-steps", "1"]) == 2
     one_line_error(capsys, "--real-source", "carry no real image")

@@ -20,14 +20,14 @@ from shardkit import (
 )
 
 from codetrain.cli import main
-from codetrain.config import ConfigError
-from codetrain.data import RealImageSource
+from codetrain.config import EvalConfig
 from codetrain.embed import (
     Embeddings,
     embed_shards,
     embed_shards_cached,
     model_fingerprint,
 )
+from codetrain.errors import MissingInputError
 from codetrain.evaluate import EvaluationResult, evaluate, load_fitted_classifiers
 from codetrain.metrics import evaluate_predictions
 from codetrain.model import create_embedder, load_embedder, save_weights
@@ -36,7 +36,7 @@ from codetrain.robustness import perturb, validate_levels
 from d3builder.storage.schema import d3_features
 from d3builder.storage.shards import image_cell, write_shard
 
-LEVELS = {"jpeg": (50,), "downscale": (0.5,), "blur": (1.0,), "crop": (0.7,)}
+LEVELS = {"jpeg": [50.0], "downscale": [0.5], "blur": [1.0], "crop": [0.7]}
 EXTENDED = ("gan-x", "sd14")
 CORRUPT_ID_INDEX = 1
 
@@ -61,6 +61,11 @@ def write_extended(root: Path, n: int, seed: int) -> None:
         write_shard(rows, root / "extended" / name / "test-00000.parquet", d3_features(1))
 
 
+def config(run: Path, d3: Path, **kw) -> EvalConfig:
+    """An evaluation of run `run` on the shards under `d3` (paths as text, as a YAML file or flags give them)."""
+    return EvalConfig(run=str(run), data=str(d3), **kw)
+
+
 def tiny_run(folder: Path) -> Path:
     """A run folder holding a fresh (untrained) tiny timm ViT embedder."""
     save_weights(create_embedder("test_vit"), folder / "model.safetensors")
@@ -82,7 +87,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def result(data: dict[str, Path]) -> EvaluationResult:
     """One full evaluation with robustness and the extended set."""
-    return evaluate(data["run"], str(data["d3"]), extended_dir=data["ext"], robustness_levels=LEVELS)
+    return evaluate(config(data["run"], data["d3"], extended=str(data["ext"]), robustness_levels=LEVELS))
 
 
 def test_every_output_file_is_written(result: EvaluationResult, data: dict[str, Path]) -> None:
@@ -182,7 +187,7 @@ def test_second_run_reuses_the_cache(result: EvaluationResult, data: dict[str, P
     cache = data["run"] / "eval" / "cache" / "code"
     stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*.safetensors")}
     assert len(stamps) == 4 + len(LEVELS)
-    again = evaluate(data["run"], str(data["d3"]), extended_dir=data["ext"], robustness_levels=LEVELS)
+    again = evaluate(config(data["run"], data["d3"], extended=str(data["ext"]), robustness_levels=LEVELS))
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.safetensors")} == stamps
     assert again.results == result.results and again.robustness == result.robustness
 
@@ -211,10 +216,11 @@ def test_elsa_layout_takes_reals_from_a_real_source_and_names_generators_by_mode
     files = write_real_sources(tmp_path / "r5", 6, seed=5)[1]
     for path in write_real_sources(tmp_path / "r6", 4, seed=6)[1].iterdir():
         path.rename(files / path.name)
-    with pytest.raises(ConfigError, match="--real-source: .* carry no real image .*ELSA_D3 layout"):
-        evaluate(data["run"], str(d3), out_dir=tmp_path / "out", fit_split="validation", classifiers=("linear",), robustness=False)
-    result = evaluate(data["run"], str(d3), out_dir=tmp_path / "out", fit_split="validation", classifiers=("linear",),
-                      robustness=False, real_source=RealImageSource(str(files)))
+    with pytest.raises(MissingInputError, match="--real-source: .* carry no real image .*ELSA_D3 layout"):
+        evaluate(config(data["run"], d3, eval_dir=str(tmp_path / "out"), fit_split="validation", classifiers=["linear"],
+                        robustness=False))
+    result = evaluate(config(data["run"], d3, eval_dir=str(tmp_path / "out"), fit_split="validation", classifiers=["linear"],
+                             robustness=False, real_source=str(files)))
     row = result.results[0]
     assert (row["split"], row["n_real"], row["n_fake"]) == ("test", 4, 16)
     assert set(row["per_generator"]) == set(MODELS)
@@ -222,17 +228,17 @@ def test_elsa_layout_takes_reals_from_a_real_source_and_names_generators_by_mode
 
 def test_missing_fit_split_and_unknown_classifier_are_clear_errors(tmp_path: Path, data: dict[str, Path]) -> None:
     make_d3_shards(tmp_path / "d3", 2, "test")
-    with pytest.raises(ConfigError, match="--fit-split: no 'fit_augm' split here .*: test\\); choose the splits with --fit-split"):
-        evaluate(data["run"], str(tmp_path / "d3"), out_dir=tmp_path / "out")
+    with pytest.raises(MissingInputError, match="--fit-split: no 'fit_augm' split in .*: test\\); choose the splits with --fit-split"):
+        evaluate(config(data["run"], tmp_path / "d3", eval_dir=str(tmp_path / "out")))
     with pytest.raises(ValueError, match="svm"):
-        evaluate(data["run"], str(data["d3"]), out_dir=tmp_path / "out", classifiers=("svm",))
-    with pytest.raises(ConfigError, match="--test-splits: no 'nope' split here"):
-        evaluate(data["run"], str(data["d3"]), out_dir=tmp_path / "out", test_splits=("nope",))
+        evaluate(config(data["run"], data["d3"], eval_dir=str(tmp_path / "out"), classifiers=["svm"]))
+    with pytest.raises(MissingInputError, match="--test-splits: no 'nope' split in"):
+        evaluate(config(data["run"], data["d3"], eval_dir=str(tmp_path / "out"), test_splits=["nope"]))
 
 
 def test_cli_prints_the_report(tmp_path: Path, data: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    code = main(["evaluate", "--run", str(data["run"]), "--data", str(data["d3"]), "--out", str(out), "--test-splits", "test",
+    code = main(["evaluate", "--run", str(data["run"]), "--data", str(data["d3"]), "--eval-dir", str(out), "--test-splits", "test",
                  "--classifiers", "linear", "knn", "--jpeg", "60", "--downscale", "--blur", "--crop"])
     assert code == 0
     printed = capsys.readouterr().out

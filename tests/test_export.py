@@ -18,7 +18,7 @@ from codetrain.cli import main
 from codetrain.detect import detect, load_detector
 from codetrain.embed import open_image_file
 from codetrain.model import create_embedder, load_embedder, save_weights
-from codetrain.views import eval_transform
+from codetrain.views import center_crop, eval_transform, resize_short, to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_bundle_holds_everything_and_detects_like_the_run(setup: dict[str, Path]
                      "config.json", "model.onnx", "model.safetensors", "train_config.yaml"]
     config = json.loads((bundle / "config.json").read_text())
     assert config["format"] == "codetrain.bundle/1" and config["embedder"]["model_name"] == "test_vit"
-    assert config["preprocessing"]["resize_shorter_side"] == 248 and config["preprocessing"]["center_crop"] == 224
+    assert config["preprocessing"]["resize_shorter_side"] == 177 and config["preprocessing"]["center_crop"] == 160  # test_vit
     assert config["onnx"]["max_abs_diff_vs_torch"] <= 1e-4
     assert set(config["classifiers"]["classifiers"]) == {"linear", "knn", "ocsvm"}
     for name, digest in config["files"].items():
@@ -72,12 +72,12 @@ def test_bundle_holds_everything_and_detects_like_the_run(setup: dict[str, Path]
     from_bundle = detect(bundle, [setup["images"]])
     assert [d.path for d in from_bundle.detections] == [d.path for d in from_run.detections]
     np.testing.assert_allclose([d.score for d in from_bundle.detections], [d.score for d in from_run.detections], rtol=1e-6)
-    assert len(from_bundle.detections) == len(GOOD) and len(from_bundle.unreadable) == 2
+    assert len(from_bundle.detections) == len(GOOD) and len(from_bundle.unscored) == 2
 
 
 def test_bundle_onnx_alone_reproduces_the_scores(setup: dict[str, Path], bundle: Path) -> None:
     _, clf = load_detector(bundle, "linear")
-    x = torch.stack([eval_transform(open_image_file(setup["images"] / name)) for name in GOOD]).numpy()
+    x = torch.stack([eval_transform(open_image_file(setup["images"] / name), 160) for name in GOOD]).numpy()
     session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     emb = session.run(["embedding"], {"image": x})[0]
     expected = detect(bundle, [setup["images"] / name for name in GOOD])
@@ -102,6 +102,27 @@ def test_bundle_refusals_and_overwrite(setup: dict[str, Path], tmp_path: Path) -
 
 def test_cli_export(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     out = setup["root"] / "cli-bundle"
-    assert main(["export", "--run", str(setup["run"]), "--out", str(out)]) == 0
+    assert main(["export", "--run", str(setup["run"]), "--bundle", str(out)]) == 0
     assert "model.onnx" in capsys.readouterr().out
     assert (out / "model.onnx").is_file() and (out / "classifiers" / "linear.skops").is_file()
+
+
+def test_bundle_preprocessing_block_is_what_detection_applies_for_another_size_and_normalisation(tmp_path: Path) -> None:
+    run, images = tmp_path / "run", tmp_path / "images"
+    model = create_embedder("test_vit", img_size=96, normalisation="model")  # timm's data config: mean = std = 0.5
+    fit_run(run, model=model)
+    write_images(images)
+    bundle = make_bundle(run, tmp_path / "bundle")
+    block = json.loads((bundle / "config.json").read_text())["preprocessing"]
+    assert (block["center_crop"], block["resize_shorter_side"]) == (96, 106)
+    assert block["mean"] == block["std"] == [0.5, 0.5, 0.5] and block["layout"] == "float32 NCHW, batch of [3, 96, 96]"
+    files = [images / name for name in GOOD]
+    detected = detect(bundle, files)
+    # Rebuild the input from the block's numbers alone and score it with the bundle's ONNX model and classifier.
+    mean, std = np.array(block["mean"]).reshape(3, 1, 1), np.array(block["std"]).reshape(3, 1, 1)
+    x = np.stack([(center_crop(resize_short(to_uint8(open_image_file(f)), block["resize_shorter_side"]), block["center_crop"])[:3]
+                   .numpy() / 255 - mean) / std for f in files]).astype(np.float32)
+    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    _, clf = load_detector(bundle, "linear")
+    np.testing.assert_allclose(clf.score(session.run(["embedding"], {"image": x})[0]), [d.score for d in detected.detections],
+                               rtol=1e-3, atol=1e-4)

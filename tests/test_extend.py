@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import pyarrow.parquet as pq
 import pytest
-from genkit import MANIFESTS, make_records, one_thread, tiny_cache  # noqa: F401 - fixtures
+from genkit import MANIFESTS, make_records, one_thread  # noqa: F401 - fixtures
 from PIL import Image
 
 from d3builder import cli
@@ -20,7 +20,7 @@ from d3builder.storage.schema import d3_features
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Manifest:  # noqa: F811
+def records(tmp_path_factory: pytest.TempPathFactory) -> Manifest:  # noqa: F811
     """8 records in shards of 3: test records 1003 (shard 1) and 1007 (shard 2, its real image failed)."""
     return make_records(tmp_path_factory.mktemp("data"), 8, 3, **{"1007": "real_failed"})
 

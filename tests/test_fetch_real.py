@@ -29,6 +29,7 @@ from PIL import Image
 from skimage.data import astronaut
 
 from d3builder.cli import COMMAND_MODULES
+from d3builder.download.errors import download_error_text, error_text
 from d3builder.embedded.server import serve_folder
 from d3builder.recipe.manifest import FetchConfig, Manifest, MetadataSource
 from d3builder.stages.fetch_real import STAGE, add_parser, fetch_real, inspect_image
@@ -93,19 +94,19 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def record_row(record_id: str, url: str, shard: int) -> dict:
+def record_row(record_id: str, url: str, shard: int, alternates: list[str] | None = None) -> dict:
     """A RECORD_FEATURES row for one URL."""
     return {
-        "id": record_id, "url": url, "original_prompt": "an astronaut", "positive_prompt": "an astronaut",
+        "id": record_id, "url": url, "alternate_urls": alternates or [], "original_prompt": "an astronaut", "positive_prompt": "an astronaut",
         "negative_prompt": "", "split": "train", "shard": shard, "selection_hash": 0.5, "SAMPLE_ID": 1,
         "URL": url, "TEXT": "an astronaut", "LICENSE": "?", "NSFW": "UNLIKELY", "similarity": 0.3,
         "WIDTH": 96, "HEIGHT": 80,
     }  # fmt: skip
 
 
-def make_manifest(root: Path, threads: int = 4, processes: int = 1) -> Manifest:
-    """A manifest writing under `root`."""
-    fetch = FetchConfig(processes=processes, threads=threads, timeout=5, retries=0)
+def make_manifest(root: Path, threads: int = 4, processes: int = 1, allow_private: bool = True) -> Manifest:
+    """A manifest writing under `root` (private addresses allowed: the test servers listen on 127.0.0.1)."""
+    fetch = FetchConfig(processes=processes, threads=threads, timeout=5, retries=0, allow_private_addresses=allow_private)
     return Manifest(
         name="fetch",
         output_root=str(root),
@@ -302,7 +303,7 @@ def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(served, tmp_pat
         recipe = tmp_path / "fetch.yaml"
         recipe.write_text(yaml.safe_dump({
             "name": "fetch", "output_root": str(layout.root), "metadata": {"source": "embedded"},
-            "shard_size": per_shard, "generators": [], "fetch": {"processes": 1, "threads": 2, "timeout": 10},
+            "shard_size": per_shard, "generators": [], "fetch": {"processes": 1, "threads": 2, "timeout": 10, "allow_private_addresses": True},
         }))  # fmt: skip
         process = subprocess.Popen(
             [sys.executable, "-m", "d3builder", "fetch-real", "--manifest", str(recipe)],
@@ -330,3 +331,139 @@ def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(served, tmp_pat
     )
     assert sorted(p.name for p in layout.real(0).parent.iterdir()) == [f"{s:05d}.parquet" for s in range(shards)]
     assert not list((layout.root / ".tmp" / STAGE).iterdir())
+
+
+def test_failed_items_keep_no_response_bytes(fetched):
+    manifest, _, rows = fetched
+    message = rows["html"]["error_message"]
+    assert message.startswith("not an image Pillow can identify") and "DOCTYPE" not in message and "b'" not in message
+    assert "DOCTYPE" not in manifest.layout.stats(STAGE, 0).read_text()
+    assert error_text("broken PNG file (chunk b'SeCr') after b\"x\\\"y\" in a verb'") == (
+        "broken PNG file (chunk <bytes>) after <bytes> in a verb'"
+    )
+    assert download_error_text("HTTP Error 500: token=SECRET") == "HTTP Error 500: Internal Server Error"
+    assert download_error_text("<urlopen error [Errno 111] Connection refused>") == (
+        "<urlopen error [Errno 111] Connection refused>"
+    )
+    assert "SECRET" not in download_error_text("SECRET=1 not an HTTP status line\r\n")
+
+
+@contextmanager
+def not_http_server(reply: bytes) -> Iterator[str]:
+    """A loopback TCP server that answers every request with `reply` (not HTTP)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def answer() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.recv(65536)
+                connection.sendall(reply)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+def test_alternate_urls_are_tried_in_order_and_the_served_one_is_recorded(served, tmp_path):
+    folder, base = served
+    manifest = make_manifest(tmp_path / "data")
+    layout = manifest.layout
+    with not_http_server(b"AWS_SECRET_ACCESS_KEY=SECRET not an HTTP reply\r\n\r\n") as garbage:
+        records = [
+            record_row("alt-served", f"{base}/missing.jpg", 0, [f"{base}/photo.png", f"{base}/photo.gif"]),
+            record_row("own-url", f"{base}/photo.jpg", 0, [f"{base}/photo.bmp"]),
+            record_row("none-serves", f"{garbage}/photo.jpg", 0, [f"{base}/truncated.jpg"]),
+            record_row("served-later", f"{base}/missing-again.jpg", 0, [f"{base}/alternate-later.png"]),
+        ]  # one img2dataset pass per URL position, over the records still without an image
+        write_shard(records, layout.records(0), RECORD_FEATURES)
+        summary = fetch_real(manifest, progress=False)
+    assert summary.ok and (summary.successes, summary.failures) == (2, 2), summary.describe()
+    rows = rows_by_id(layout.real(0))
+    assert list(rows) == [r["id"] for r in records]
+    assert (rows["alt-served"]["url_index"], rows["alt-served"]["served_url"]) == (1, f"{base}/photo.png")
+    assert rows["alt-served"]["url"] == f"{base}/missing.jpg"
+    assert rows["alt-served"]["image"]["bytes"] == (folder / "photo.png").read_bytes()
+    assert (rows["own-url"]["url_index"], rows["own-url"]["served_url"]) == (0, f"{base}/photo.jpg")
+    failed = rows["none-serves"]
+    assert failed["status"] == "failed" and failed["url_index"] is None and failed["served_url"] is None
+    assert failed["error_message"].split("; alternate URL 1: ")[0] == (
+        "download failed: unrecognised error (withheld: it may quote the server's response)"
+    )  # urllib's BadStatusLine message would be the response's first line
+    assert "SECRET" not in layout.real(0).read_bytes().decode("latin-1")
+    assert "SECRET" not in layout.stats(STAGE, 0).read_text()
+    assert failed["error_message"].split("; alternate URL 1: ")[1].startswith("image does not decode")
+    stats = read_stats(layout.stats(STAGE, 0))
+    assert stats["served_by_alternate_url"] == 1 and sum(stats["failures_by_reason"].values()) == 2
+    assert stats["failures_by_reason"]["HTTP Error 404"] == 1
+
+    shutil.copyfile(folder / "photo.png", folder / "alternate-later.png")
+    assert fetch_real(manifest, retry_failed=True, progress=False).retried == [0]
+    after = rows_by_id(layout.real(0))
+    assert (after["served-later"]["status"], after["served-later"]["url_index"]) == ("success", 1)
+    assert after["served-later"]["served_url"] == f"{base}/alternate-later.png"
+    assert all(after[k] == rows[k] for k in ("alt-served", "own-url")) and after["none-serves"]["status"] == "failed"
+    stats = read_stats(layout.stats(STAGE, 0))
+    assert stats["served_by_alternate_url"] == 2
+    assert [(r["retried"], r["recovered"], r["recovered_by_alternate_url"]) for r in stats["retries"]] == [(2, 1, 1)]
+
+
+class _CountingHandler(SimpleHTTPRequestHandler):
+    """Serves files and counts the requests it answered."""
+
+    requests = 0
+
+    def do_GET(self) -> None:
+        type(self).requests += 1
+        super().do_GET()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - base class signature
+        pass
+
+
+def test_non_public_addresses_are_refused_before_any_request(served, tmp_path):
+    folder, _ = served
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_CountingHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    spellings = {
+        "dotted": f"http://127.0.0.1:{port}/photo.jpg",
+        "name": f"http://localhost:{port}/photo.jpg",
+        "decimal": f"http://2130706433:{port}/photo.jpg",
+        "hex": f"http://0x7f000001:{port}/photo.jpg",
+        "octal": f"http://0177.0.0.1:{port}/photo.jpg",
+        "short": f"http://127.1:{port}/photo.jpg",
+        "mapped": f"http://[::ffff:127.0.0.1]:{port}/photo.jpg",
+        "metadata": "http://169.254.169.254/latest/meta-data/",
+        "private": "http://10.1.2.3/a.jpg",
+    }
+    try:
+        refusing = make_manifest(tmp_path / "refused", allow_private=False)
+        write_shard([record_row(i, u, 0) for i, u in spellings.items()], refusing.layout.records(0), RECORD_FEATURES)
+        summary = fetch_real(refusing, progress=False)
+        assert summary.ok and summary.failures == len(spellings) and _CountingHandler.requests == 0
+        rows = rows_by_id(refusing.layout.real(0))
+        for record_id, row in rows.items():
+            assert row["error_message"].startswith("refused non-public address: host "), (record_id, row)
+        assert "(loopback)" in rows["decimal"]["error_message"] and "(link-local)" in rows["metadata"]["error_message"]
+        assert "allow_private_addresses" in rows["private"]["error_message"]
+        stats = read_stats(refusing.layout.stats(STAGE, 0))
+        assert stats["failures_by_reason"] == {"refused non-public address": len(spellings)}
+        assert stats["allow_private_addresses"] is False
+
+        allowing = make_manifest(tmp_path / "allowed", allow_private=True)
+        write_shard([record_row(i, spellings[i], 0) for i in ("dotted", "decimal")], allowing.layout.records(0), RECORD_FEATURES)
+        assert fetch_real(allowing, progress=False).successes == 2 and _CountingHandler.requests == 2
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -80,6 +80,16 @@ def test_fit_is_assembled_transformed_validated_and_carded(tmp_path: Path, capsy
     report = validate_dataset(layout.root, progress=False)
     assert report.ok, [str(d) for d in report.defects]
     assert (report.groups["fit"].records, report.groups["fit_augm"].records, report.groups["fit_augm"].images) == (2, 2, 10)
+    summary = report.completeness_lines()
+    assert "  test_augm    2" in summary and "  fit_augm     2" in summary  # completeness counts both transformed splits
+
+    fit_stats = layout.transform_stats("fit", 1)
+    saved = fit_stats.read_bytes()
+    fit_stats.unlink()  # transform-test ran, but its fit unit of shard 1 never finished
+    found = [str(d) for d in validate_dataset(layout.root, progress=False).defects]
+    assert f"{fit_stats}: missing: the fit shard was never transformed (run `d3builder transform-test`)" in found, found
+    assert f"{layout.d3('fit_augm', 1)}: no stats file names this shard (unit unfinished?)" in found and len(found) == 2, found
+    fit_stats.write_bytes(saved)
 
     train_id = pq.read_table(layout.d3("train", 0), columns=["id"]).column("id")[0].as_py()
     path = layout.d3("fit_augm", 0)

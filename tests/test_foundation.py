@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import rowkit
 from datasets import load_dataset
 from PIL import Image
 
@@ -37,41 +38,9 @@ def jpeg_bytes(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
 
 
 def d3_row(record_id: str, num_generators: int = 4) -> dict:
-    """One complete row of our final schema."""
-    row = {
-        "id": record_id,
-        "original_prompt": "a cat",
-        "positive_prompt": "a cat",
-        "negative_prompt": "",
-        "url": f"http://127.0.0.1/{record_id}.jpg",
-        "split": "train",
-        "image_real": image_cell(jpeg_bytes(int(record_id)), f"{record_id}.jpg"),
-        "width_real": 40,
-        "height_real": 30,
-        "encoding_real": "JPEG",
-        "sha256_real": "0" * 64,
-    }
-    for slot in range(num_generators):
-        row.update(
-            {
-                f"model_gen{slot}": f"tiny/{slot}",
-                f"width_gen{slot}": 40,
-                f"height_gen{slot}": 30,
-                f"num_inference_steps_gen{slot}": 2,
-                f"filepath_gen{slot}": f"gen{slot}/{record_id}.jpg",
-                f"image_gen{slot}": image_cell(jpeg_bytes(1000 * slot + int(record_id))),
-                f"generator_gen{slot}": f"g{slot}",
-                f"seed_gen{slot}": 7,
-                f"guidance_scale_gen{slot}": 7.5,
-                f"scheduler_gen{slot}": "PNDMScheduler",
-                f"model_revision_gen{slot}": "main",
-                f"encoding_gen{slot}": "JPEG",
-                f"jpeg_quality_gen{slot}": 90,
-                f"safety_checker_gen{slot}": False,
-                f"watermark_gen{slot}": False,
-            }
-        )
-    return row
+    """One complete row of our final schema, 40x30 JPEGs everywhere."""
+    fakes = [(jpeg_bytes(1000 * slot + int(record_id)), (40, 30)) for slot in range(num_generators)]
+    return rowkit.d3_row(record_id, jpeg_bytes(int(record_id)), fakes, width_real=40, height_real=30, sha256_real="0" * 64)
 
 
 def test_written_shard_loads_through_datasets_with_images(tmp_path: Path) -> None:

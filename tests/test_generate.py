@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from genkit import MANIFESTS, make_records, one_thread, save_manifest, tiny_cache  # noqa: F401 - fixtures
+from genkit import MANIFESTS, make_records, one_thread, save_manifest  # noqa: F401 - fixtures
 from PIL import Image
 
 from d3builder import cli
@@ -45,7 +45,7 @@ JPEG_RANGE = [60, 90]
 
 
 @pytest.fixture(scope="session")
-def records(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Manifest:  # noqa: F811
+def records(tmp_path_factory: pytest.TempPathFactory) -> Manifest:  # noqa: F811
     """8 records in shards of 3 (records/ and real/ written with write_shard), JPEG quality drawn in JPEG_RANGE."""
     root = tmp_path_factory.mktemp("data")
     manifest = make_records(root, 8, 3)

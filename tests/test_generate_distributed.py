@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from genkit import make_records, one_thread, tiny_cache  # noqa: F401 - fixtures
+from genkit import make_records, one_thread  # noqa: F401 - fixtures
 
 from d3builder.recipe.manifest import Manifest
 
@@ -37,7 +37,7 @@ def _check_complete(manifest: Manifest) -> None:
     assert [p.name for p in (layout.root / "gen" / GENERATOR).iterdir() if ".tmp-" in p.name] == []
 
 
-def test_two_accelerate_processes_split_the_shards(tmp_path: Path, tiny_cache: Path) -> None:  # noqa: F811
+def test_two_accelerate_processes_split_the_shards(tmp_path: Path) -> None:  # noqa: F811
     """accelerate launch --multi_gpu --num_processes 2 on CPU: disjoint shard sets whose union is complete."""
     manifest = make_records(tmp_path / "data", 8, 2, batch_size=2)
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
@@ -56,7 +56,7 @@ def test_two_accelerate_processes_split_the_shards(tmp_path: Path, tiny_cache: P
     _check_complete(manifest)
 
 
-def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tmp_path: Path, tiny_cache: Path) -> None:  # noqa: F811
+def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tmp_path: Path) -> None:  # noqa: F811
     """Kill -9 once shard 0 is done: no half shard is ever in place; a rerun finishes only what is missing."""
     manifest = make_records(tmp_path / "data", 18, 6, batch_size=1)
     layout = manifest.layout

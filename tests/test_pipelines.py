@@ -23,7 +23,6 @@ from d3builder.generators.runtime import (
     size_for,
 )
 from d3builder.generators.tiny import (
-    CACHE_ENV,
     TINY_VERSION,
     build_tiny,
     clip_tokenizer,
@@ -46,11 +45,9 @@ def single_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, GeneratorEntry]]:
-    """Both manifests, with the tiny twins built once into a session cache folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("tiny-cache")))
-        yield load_registries(MANIFESTS / "generators.yaml", MANIFESTS / "extended.yaml")
+def registry() -> dict[str, GeneratorEntry]:
+    """Both manifests (the tiny twins are built once per session: tests/conftest.py)."""
+    return load_registries(MANIFESTS / "generators.yaml", MANIFESTS / "extended.yaml")
 
 
 @pytest.fixture(scope="session")

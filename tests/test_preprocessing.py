@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shardkit import Sizes, jpeg, make_record, photo_crop
+from shardkit import Sizes, jpeg, make_record, photo_crop, real_row
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -44,9 +44,7 @@ def write_records(root: Path, elsa_layout: bool) -> tuple[list[str], dict[str, b
         for slot in range(4):
             name = row[f"model_gen{slot}"] if elsa_layout else row[f"generator_gen{slot}"]
             images[f"{row['id']}/{name}"] = row[f"image_gen{slot}"]["bytes"]
-        reals.append({"id": row["id"], "url": row["url"], "status": "success", "error_message": None,
-                      "image": image_cell(real), "width": 1024, "height": 768, "encoding": "JPEG",
-                      "sha256": None, "num_bytes": len(real)})
+        reals.append(real_row(row["id"], row["url"], real))
         rows.append(row)
     features = elsa_features() if elsa_layout else d3_features()
     shard = write_shard(rows, root / "train" / "train-00000.parquet", features, row_group_size=4)

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import pytest
 import yaml
 
 from d3builder.generators.registry import (
+    FolderEntry,
     GeneratorEntry,
+    HttpEntry,
+    PythonEntry,
     RegistryError,
     load_registries,
     load_registry,
@@ -29,6 +34,10 @@ VALID = {
     "guidance": 7.5,
     "sizes": [[64, 64], [64, 48]],
 }
+
+
+SOURCES = {k: "published: a test note" for k in ("model", "steps", "guidance", "scheduler", "negative_prompt", "sizes")}
+"""A source note for every setting of VALID."""
 
 
 def _write(tmp_path: Path, generators: dict[str, Any], name: str = "reg.yaml") -> Path:
@@ -144,8 +153,9 @@ def test_bad_name_twin_mismatch_and_duplicate_column(tmp_path: Path) -> None:
     lcm = {**VALID, "pipeline": "LatentConsistencyModelPipeline", "model": "tiny://lcm"}
     with pytest.raises(RegistryError, match=r"entry 'real': key 'tiny': twin 'lcm'"):
         load_registry(_write(tmp_path, {"real": {**VALID, "tiny": "lcm"}, "lcm": lcm}))
+    column = {**VALID, "d3_column": 1, "sources": SOURCES}  # a D3 column cites its evidence (see below)
     with pytest.raises(RegistryError, match=r"entry 'b': key 'd3_column': column 1 is already used by entry 'a'"):
-        load_registry(_write(tmp_path, {"a": {**VALID, "d3_column": 1}, "b": {**VALID, "d3_column": 1}}))
+        load_registry(_write(tmp_path, {"a": column, "b": column}))
 
 
 def test_malformed_files_are_refused_naming_the_file(tmp_path: Path) -> None:
@@ -179,3 +189,125 @@ def test_merging_refuses_duplicate_names(tmp_path: Path) -> None:
     with pytest.raises(RegistryError) as info:
         load_registries(first, second)
     assert "second.yaml: entry 'a'" in str(info.value) and "first.yaml" in str(info.value)
+
+
+CALL_ARGUMENT = {"steps": "num_inference_steps", "guidance": "guidance_scale", "negative_prompt": "negative_prompt"}
+
+
+def test_d3_generators_cite_evidence_for_every_setting() -> None:
+    """Each setting of the four D3 entries (and of IF's stages) has a source; every 'default:' one equals the
+    pipeline's own default, checked here against the __call__ signature; SD 2.1 is the published base model."""
+    reg = load_registry(MANIFESTS / "generators.yaml")
+    checked = 0
+    for name in ("deepfloyd-if", "sd14", "sd21", "sdxl"):
+        entry = reg[name]
+        for spec, extra in ((entry, {"sizes"}), *((s, set()) for s in entry.stages)):
+            settings = {"model", "steps", "guidance", "scheduler", "negative_prompt", *extra,
+                        *(f"call_kwargs.{k}" for k in spec.call_kwargs)}
+            assert set(spec.sources) == settings, (name, spec.pipeline)
+            defaults = {k: p.default for k, p in inspect.signature(getattr(diffusers, spec.pipeline).__call__)
+                        .parameters.items()}
+            for key, note in spec.sources.items():
+                assert note.split(":", 1)[0] in ("published", "default", "card") and len(note) > 20
+                if not note.startswith("default:"):
+                    continue
+                if key == "scheduler":
+                    assert spec.scheduler is None
+                elif key == "negative_prompt":
+                    assert defaults["negative_prompt"] is None  # an empty negative prompt is not passed at all
+                else:
+                    argument = key.removeprefix("call_kwargs.") if "." in key else CALL_ARGUMENT[key]
+                    value = spec.call_kwargs[argument] if "." in key else getattr(spec, key)
+                    assert value == defaults[argument], (name, key)
+                checked += 1
+    assert checked >= 20
+    assert reg["sd21"].model == "stabilityai/stable-diffusion-2-1-base" and reg["sd21"].sources["model"].startswith(
+        "published:")
+    assert (reg["sdxl"].steps, reg["sdxl"].guidance) == (50, 5.0)
+
+
+BAD_SOURCES = [
+    ("a D3 column without a note", {"sizes": None}, "sources.sizes", "missing"),
+    ("a default that is not the default", {"guidance": "default: the pipeline's"}, "sources.guidance", "differs"),
+    ("an unknown kind of evidence", {"steps": "trust me: it is fine"}, "sources.steps", "must read"),
+    ("a note for no setting", {"eta": "default: 0.0"}, "sources.eta", "names no setting"),
+    ("a default for the model", {"model": "default: whatever"}, "sources.model", "no pipeline default"),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "key", "problem"), BAD_SOURCES, ids=[c[0] for c in BAD_SOURCES])
+def test_bad_sources_are_refused(tmp_path: Path, case: str, change: dict, key: str, problem: str) -> None:
+    """Source notes are validated: complete for a D3 column, of a known kind, and 'default:' must be true."""
+    sources = {k: v for k, v in {**SOURCES, **change}.items() if v is not None}
+    raw = {**VALID, "guidance": 6.0, "d3_column": 1, "sources": sources}
+    with pytest.raises(RegistryError, match=rf"entry 'g': key '{re.escape(key)}': .*{problem}"):
+        load_registry(_write(tmp_path, {"g": raw}))
+
+
+PYTHON = {"kind": "python", "callable": "d3builder.generators.examples.tiny_gan:generate", "sizes": [[64, 48]]}
+HTTP = {"kind": "http", "endpoint": "https://api.example.com/v1/images", "request": {"prompt": "{prompt}"},
+        "image": {"base64": "data.0.b64_json"}, "rate_limit": 60, "max_requests": 10, "sizes": [[512, 512]]}
+FOLDER = {"kind": "folder", "folder": "./made-elsewhere"}
+BAD_KIND_ENTRIES = [
+    ("unknown kind", {**PYTHON, "kind": "gan"}, "kind"),
+    ("callable without a function", {**PYTHON, "callable": "some.module"}, "callable"),
+    ("python without sizes", {k: v for k, v in PYTHON.items() if k != "sizes"}, "sizes"),
+    ("python with a diffusers key", {**PYTHON, "pipeline": "StableDiffusionPipeline"}, "pipeline"),
+    ("non-http endpoint", {**HTTP, "endpoint": "ftp://api.example.com/x"}, "endpoint"),
+    ("credentials in the endpoint", {**HTTP, "endpoint": "https://me:pw@api.example.com/x"}, "endpoint"),
+    ("unknown placeholder", {**HTTP, "request": {"prompt": "{prompt}", "q": "{quality}"}}, "request.q"),
+    ("steps placeholder without steps", {**HTTP, "request": {"prompt": "{prompt}", "n": ["{steps}"]}},
+     "request.n[0]"),
+    ("no prompt sent", {**HTTP, "request": {"text": "a cat"}}, "request"),
+    ("two image forms", {**HTTP, "image": {"base64": "a", "url": "b"}}, "image"),
+    ("unknown image form", {**HTTP, "image": {"bytes": "a"}}, "image.bytes"),
+    ("zero rate limit", {**HTTP, "rate_limit": 0}, "rate_limit"),
+    ("no spend cap", {k: v for k, v in HTTP.items() if k != "max_requests"}, "max_requests"),
+    ("a credential in the headers", {**HTTP, "headers": {"X-Api-Key": "abc"}}, "headers.X-Api-Key"),
+    ("auth env not a variable name", {**HTTP, "auth": {"env": "MY KEY"}}, "auth.env"),
+    ("auth without env", {**HTTP, "auth": {"header": "X-Key"}}, "auth.env"),
+    ("auth header not a string", {**HTTP, "auth": {"env": "K", "header": 3}}, "auth.header"),
+    ("zero concurrency", {**HTTP, "concurrency": 0}, "concurrency"),
+    ("folder with neither folder nor index", {"kind": "folder"}, "folder"),
+    ("index neither csv nor parquet", {**FOLDER, "index": "ids.txt"}, "index"),
+    ("unknown provenance column", {**FOLDER, "provenance": {"sampler": "x"}}, "provenance.sampler"),
+    ("provenance of the wrong type", {**FOLDER, "provenance": {"seed": "seven"}}, "provenance.seed"),
+]
+
+
+@pytest.mark.parametrize(("case", "raw", "key"), BAD_KIND_ENTRIES, ids=[c[0] for c in BAD_KIND_ENTRIES])
+def test_bad_entries_of_other_kinds_are_refused(tmp_path: Path, case: str, raw: dict, key: str) -> None:
+    """python, http and folder entries are validated on load, with errors naming the file, entry and key."""
+    path = _write(tmp_path, {"good": PYTHON, "broken": raw})
+    with pytest.raises(RegistryError) as info:
+        load_registry(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: entry 'broken': key '{key}': ") and "\n" not in message
+
+
+def test_entries_of_every_kind_load_with_their_defaults(tmp_path: Path) -> None:
+    """Valid python, http and folder entries load (no import, no request, no folder check yet) with defaults."""
+    reg = load_registry(_write(tmp_path, {"gan": PYTHON, "api": {**HTTP, "auth": {"env": "MY_KEY"}},
+                                          "collab": {**FOLDER, "index": "ids.csv", "provenance": {"seed": 3}}}))
+    gan, api, collab = reg["gan"], reg["api"], reg["collab"]
+    assert isinstance(gan, PythonEntry) and gan.model == f"python:{PYTHON['callable']}" and gan.sizes == ((64, 48),)
+    assert isinstance(api, HttpEntry) and (api.concurrency, api.retries, api.timeout_s, api.model) == (
+        1, 3, 60.0, HTTP["endpoint"])
+    assert (api.auth.env, api.auth.header, api.auth.prefix) == ("MY_KEY", "Authorization", "Bearer ")
+    assert (api.image.path, api.image.form) == (("data", 0, "b64_json"), "base64")
+    assert isinstance(collab, FolderEntry) and collab.folder == str((tmp_path / "made-elsewhere").resolve())
+    assert collab.index == str((tmp_path / "ids.csv").resolve()) and collab.provenance == {"seed": 3}
+    assert {e.kind for e in reg.values()} == {"python", "http", "folder"}
+
+
+def test_readme_entries_of_every_kind_load(tmp_path: Path) -> None:
+    """The copy-paste entries of the README's "Adding a generator" section are valid registry files."""
+    readme = (MANIFESTS.parent / "README.md").read_text()
+    section = readme.split("## Adding a generator", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    kinds = []
+    for index, block in enumerate(blocks):
+        path = tmp_path / f"block{index}.yaml"
+        path.write_text(block)
+        kinds += [entry.kind for entry in load_registry(path).values()]
+    assert kinds == ["diffusers", "python", "http", "folder"]

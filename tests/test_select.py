@@ -22,8 +22,9 @@ from d3builder.stages.select import (
     selection_hash,
     split_of,
 )
-from d3builder.storage.schema import LAION_COLUMNS, RECORD_FEATURES
+from d3builder.storage.schema import LAION_COLUMNS, MAX_ALTERNATE_URLS, RECORD_FEATURES
 from d3builder.storage.shards import read_features
+from d3builder.storage.units import read_stats
 
 SEED = 7
 SPLITS = {"train": 0.6, "validation": 0.2, "test": 0.2}
@@ -314,3 +315,51 @@ def test_embedded_source_needs_a_base_url(tmp_path: Path, capsys: pytest.Capture
         select_records(manifest, progress=False)
     assert cli.main(["select", "--manifest", str(manifest.path)]) == 1
     assert "serve-embedded" in capsys.readouterr().out
+
+
+def test_duplicate_ids_keep_their_other_urls_as_alternates(tmp_path: Path) -> None:
+    url = "http://127.0.0.1:9/img/{}.jpg".format
+    rows = [good(i) for i in range(6)]
+    rows += [good(0, URL=url(f"0-copy{k}"), TEXT=f"copy {k} of the first row") for k in range(6)]  # more than the cap
+    rows += [good(0)]  # the very same row again: not an alternate of itself
+    rows += [good(1, URL=url(2), TEXT="id 5001 at the URL of record 5002")]  # another record's image: never
+    rows += [good(3, URL=url("shared")), good(4, URL=url("shared"))]  # one URL offered to two records
+    write_laion(tmp_path / "meta" / "a.parquet", rows)
+    stats = select_records(write_manifest(tmp_path, "meta"), progress=False)
+    records = {row["SAMPLE_ID"]: row for row in records_table(write_manifest(tmp_path, "meta")).to_pylist()}
+    assert sorted(records) == [5000 + i for i in range(6)]
+    assert stats.dropped["duplicate_id"] + stats.dropped["duplicate_url"] == 10
+    first, copies = records[5000], {url(f"0-copy{k}") for k in range(6)} | {url(0)}
+    assert first["url"] in copies and len(first["alternate_urls"]) == MAX_ALTERNATE_URLS == 4
+    assert set(first["alternate_urls"]) < copies - {first["url"]}
+    assert records[5001]["alternate_urls"] == []  # its duplicate's URL is record 5002's own
+    shared = [records[i]["alternate_urls"] for i in (5003, 5004)]
+    assert sorted(shared, key=len) == [[], [url("shared")]]  # the first in key order gets it, the other not
+    assert stats.alternate_urls == 5 and read_stats(write_manifest(tmp_path, "meta").layout.stats("select", 0))["alternate_urls"] == 5
+    all_urls = [u for r in records.values() for u in [r["url"], *r["alternate_urls"]]]
+    assert len(all_urls) == len(set(all_urls))
+
+
+def write_typed(path: Path, columns: dict[str, pa.Array]) -> Path:
+    """A LAION-format file whose columns carry whatever Arrow types the test gives them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_bad_values_are_dropped_and_counted_never_fatal(tmp_path: Path) -> None:
+    n = 9
+    base = [good(i) for i in range(n)]
+    columns = {name: pa.array([row[name] for row in base]) for name in LAION_COLUMNS}
+    columns["SAMPLE_ID"] = pa.array(["5000", " 5001 ", "abc", "-5", "5004", "5005", "5006", "5007", "1e3"])
+    columns["WIDTH"] = pa.array([256.0, 256.0, 256.0, 256.0, math.nan, 1.5, math.inf, 256.0, 256.0])  # pandas-style
+    columns["similarity"] = pa.array(["0.35", "0.35", "0.35", "0.35", "0.35", "0.35", "0.35", "high", "0.35"])
+    columns["TEXT"] = pa.array([row["TEXT"].encode() for row in base[:-1]] + [b"\xff\xfe not utf-8"], pa.binary())
+    write_typed(tmp_path / "meta" / "typed.parquet", columns)
+    manifest = write_manifest(tmp_path, "meta")
+    stats = select_records(manifest, progress=False)
+    # "abc", "-5", 1.5, inf, "high" and invalid UTF-8 are bad values; NaN is a missing width (too small)
+    assert stats.dropped["bad_value"] == 6 and stats.dropped["too_small"] == 1
+    assert stats.kept == 2 and stats.rows_read == n
+    assert sorted(r["SAMPLE_ID"] for r in records_table(manifest).to_pylist()) == [5000, 5001]
+    assert cli.main(["select", "--manifest", str(write_manifest(tmp_path, "meta").path), "--no-progress"]) == 0

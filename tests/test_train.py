@@ -19,6 +19,7 @@ from codetrain import checkpoint as ckpt
 from codetrain.cli import main as cli_main
 from codetrain.config import ConfigError, TrainConfig, load_config
 from codetrain.model import create_embedder, load_embedder
+from codetrain.preprocessing import Preprocessing
 from codetrain.runlog import read_metrics
 from codetrain.train import (
     cpu_has_native_bf16,
@@ -28,6 +29,7 @@ from codetrain.train import (
     step_generator,
     train,
 )
+from codetrain.views import IMAGENET_MEAN, IMAGENET_STD
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(model="test_vit", img_size=64, local_size=32, batch_size=8, log_every=1, progress=False,
@@ -46,7 +48,7 @@ def d3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def small(data: Path, out: Path, **kw) -> TrainConfig:
     """A small CPU config (fp32 unless asked) on `data`, writing to `out`."""
-    return TrainConfig(**{**SMALL, "data": str(data), "out": str(out), "precision": "fp32", **kw})
+    return TrainConfig(**{**SMALL, "data": str(data), "run": str(out), "precision": "fp32", **kw})
 
 
 # --- config --------------------------------------------------------------------------------------
@@ -59,6 +61,10 @@ def test_paper_config_holds_the_published_settings() -> None:
     assert cfg.model == "vit_tiny_patch16_224" and cfg.global_local and cfg.local_size == 96
     assert resolve_precision(cfg.precision, on_gpu=True) == "fp16"
     assert cfg.grad_clip is None and TrainConfig().grad_clip is None  # the paper clips no gradient
+    # The views' geometry and normalisation come from the model's config: the paper's 248 -> 224, ImageNet mean/std.
+    assert cfg.img_size is None and cfg.normalisation == "imagenet"
+    assert create_embedder(cfg.model, cfg.img_size, cfg.normalisation).preprocessing == Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD)
+    assert Preprocessing(224).resize == 248
     tiny = load_config(ROOT / "configs" / "code_tiny.yaml")
     assert tiny.max_steps is not None and tiny.batch_size <= 16
     assert tiny.grad_clip == 1.0  # the documented departure of the CPU quickstart config
@@ -79,7 +85,7 @@ def test_flags_override_yaml_and_bad_values_are_config_errors(tmp_path: Path) ->
         load_config(bad)
     with pytest.raises(ConfigError, match="precision"):
         load_config(None, {"precision": "fp8"})
-    assert cli_main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--batch-size", "1"]) == 2
+    assert cli_main(["train", "--data", str(tmp_path), "--run", str(tmp_path / "r"), "--batch-size", "1"]) == 2
 
 
 def test_cpu_precision_is_bf16_only_with_native_bf16() -> None:
@@ -232,7 +238,7 @@ def test_cli_trains_on_the_published_elsa_layout_with_reals_from_real_shards_and
     real_dir, _ = write_real_sources(tmp_path / "reals", 16, shard_size=8)
     run = tmp_path / "run"
     code = cli_main(["train", "--config", str(ROOT / "configs" / "code_tiny.yaml"), "--data", str(data),
-                     "--real-source", str(real_dir), "--out", str(run), "--model", "test_vit", "--img-size", "64",
+                     "--real-source", str(real_dir), "--run", str(run), "--model", "test_vit", "--img-size", "64",
                      "--local-size", "32", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "2",
                      "--global-only",
                      "--no-progress", "--no-tensorboard"])

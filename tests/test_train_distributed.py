@@ -59,7 +59,7 @@ def test_two_processes_split_records_and_keep_weights_in_sync(tmp_path: Path) ->
     train_shards = make_d3_shards(data, 48, "train", shard_size=16)
     make_d3_shards(data, 16, "validation", shard_size=8, seed=1)
     run = tmp_path / "run"
-    config = dict(data=str(data), out=str(run), model="test_vit", img_size=64, local_size=32, batch_size=8,
+    config = dict(data=str(data), run=str(run), model="test_vit", img_size=64, local_size=32, batch_size=8,
                   epochs=2, checkpoint_every=2, keep_checkpoints=0, log_every=1, progress=False, tensorboard=False,
                   precision="fp32", warmup_epochs=0.5, val_batch_size=32, cpu=True)
     tests = Path(__file__).resolve().parent  # the workers import this checkout (not another install) and shardkit

@@ -135,3 +135,49 @@ def test_missing_folder_and_empty_folder(tmp_path: Path, capsys: pytest.CaptureF
     assert "no such dataset folder" in capsys.readouterr().err
     assert cli.main(["validate", str(tmp_path)]) == 1
     assert "no Parquet shards found" in capsys.readouterr().out
+
+
+def test_completeness_names_unfinished_units_and_unaccounted_records(tmp_path: Path, capsys) -> None:
+    inputs = make_stage_inputs(tmp_path / "data", n_records=16, shard_size=2, fail={"1003": "real_failed"},
+                               skip=[("sd21-tiny", k) for k in (5, 6, 7)])  # fmt: skip
+    layout = inputs.layout
+    rows = pq.read_table(layout.real(0)).to_pylist()
+    write_shard(rows[1:], layout.real(0), read_features(layout.real(0)))  # fetch-real "lost" record 1000
+    assert not assemble_dataset(inputs.manifest, progress=False).complete  # 3 of 8 shards cannot be assembled
+    transform_test(inputs.manifest, progress=False)
+    rows = pq.read_table(layout.real(1)).to_pylist()  # record 1003 recovered by a retry after assembling
+    rows[1] |= {"status": "success", "error_message": None, "image": rows[0]["image"]}
+    write_shard(rows, layout.real(1), read_features(layout.real(1)))
+    assert validate_dataset(layout.d3_dir(), progress=False).ok  # the d3/ folder alone looks fine
+
+    assert cli.main(["validate", str(layout.root)]) == 1
+    out = capsys.readouterr().out
+    for shard in (5, 6, 7):
+        assert f"DEFECT {layout.gen('sd21-tiny', shard)}: missing: the unit never finished" in out
+        assert f"DEFECT {layout.stats('assemble', shard)}: missing: the shard was never assembled" in out
+    assert f"DEFECT {layout.real(0)}: record '1000': no row for this record: fetch-real lost it" in out
+    assert f"DEFECT {layout.records(1)}: record '1003': complete (real and 4 generated images) but in no d3/ shard" in out
+    assert f"DEFECT {layout.stats('assemble', 1)}: says 1 records dropped, the inputs explain 0" in out
+    summary = out[out.index("completeness of"):out.index("DEFECT")]
+    assert "selected     16 records in 8 shards" in summary and "fetched      15 ok, 0 failed" in summary
+    assert "generated    if-tiny 16 ok, 0 failed; sd14-tiny 16 ok, 0 failed; sd21-tiny 10 ok" in summary
+    assert "assembled    8 (test 1, train 5, validation 2)" in summary and "dropped      1 (real_missing 1)" in summary
+    assert "unaccounted  8 record(s)" in summary  # 1000, 1003 and the 6 records of shards 5-7
+    assert out.rstrip().endswith("FAILED: 9 defect(s)")
+
+
+def test_bare_d3_folder_says_completeness_was_not_checked_and_a_manifest_checks_it(dataset, capsys) -> None:
+    transform_test(dataset.manifest, progress=False)
+    assert cli.main(["validate", str(dataset.layout.d3_dir())]) == 0
+    out = capsys.readouterr().out
+    assert f"completeness: not checked: {dataset.layout.d3_dir()} holds no records/" in out
+    assert cli.main(["validate", "--manifest", str(dataset.manifest.path)]) == 0
+    out = capsys.readouterr().out
+    assert "unaccounted  0 record(s); 0 gap(s)" in out and "selected     12 records in 3 shards" in out
+    assert "generated    if-tiny 12 ok, 0 failed; sd14-tiny 12 ok, 0 failed; sd21-tiny 12 ok" in out
+    assert cli.main(["validate"]) == 2 and "give the dataset folder" in capsys.readouterr().err
+    augm, stats = dataset.layout.d3("test_augm", 0), dataset.layout.stats("transform_test", 0)
+    augm.unlink()
+    stats.unlink()  # transform-test ran, but not on shard 0
+    assert cli.main(["validate", str(dataset.layout.root)]) == 1
+    assert f"DEFECT {stats}: missing: the test shard was never transformed" in capsys.readouterr().out

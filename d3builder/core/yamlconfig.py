@@ -22,16 +22,25 @@ class ConfigError(ValueError):
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with safe_load; a missing file or a non-mapping is a ConfigError."""
+    """Read a YAML mapping with safe_load; a missing or unreadable file or a non-mapping is a ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, "", "file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, "", f"cannot be read: {exc}") from exc
+    return parse_yaml(text, path)
+
+
+def parse_yaml(text: str, source: str | Path) -> dict[str, Any]:
+    """A YAML mapping from text (safe_load); a syntax error or a non-mapping is a ConfigError naming `source`."""
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(path, "", f"not valid YAML: {exc}") from exc
+        raise ConfigError(source, "", f"not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(path, "", "must be a mapping of keys to values")
+        raise ConfigError(source, "", "must be a mapping of keys to values")
     return data
 
 

@@ -1,1 +1,2 @@
-"""Image generators: the registry, the runtime that loads and runs them, tiny offline twins, encodings."""
+"""Image generators: the registry (four kinds), the diffusers runtime, one backend per kind, tiny offline twins,
+the render engine and the output encodings."""

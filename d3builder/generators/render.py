@@ -3,12 +3,14 @@
 Each process takes its share of the records shards (round robin by process index) and claims each
 unit with a lock file, so several nodes on one filesystem never render the same shard. Per shard:
 records are grouped by output size (drawn per record with `size_for`) and cut into batches of
-`batch_size`; every image is seeded from `seed_for(record id, generator, manifest seed)`; each image
-is encoded in a format drawn from the manifest's encoding mix. Rows are written in batch order to a
-hidden temporary file and renamed into place at the end, then the stats file marks the unit done, so
-an interrupted shard is redone from scratch, never half kept. Because batches are a pure function
-of the stored rows (their order, sizes and the recorded batch size), `regenerate` can rebuild any
-image's exact batch.
+`batch_size`, which the generator's backend renders (one backend per registry kind: a diffusers
+pipeline, a Python function, an HTTP API, a folder of images); every image is seeded from
+`seed_for(record id, generator, manifest seed)`; each rendered image is encoded in a format drawn from
+the manifest's encoding mix, while images encoded elsewhere (an API's, a folder's) are kept as they
+are. Rows are written in batch order to a hidden temporary file and renamed into place at the end,
+then the stats file marks the unit done, so an interrupted shard is redone from scratch, never half
+kept. Because batches are a pure function of the stored rows (their order, sizes and the recorded
+batch size), `regenerate` can rebuild any image's exact batch.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import transformers
 from accelerate import PartialState
 from tqdm import tqdm
 
+from d3builder.generators.backends import check_ready, load_backend
+from d3builder.generators.backends.base import FAILURE_REASONS, Backend, Columns, Job
 from d3builder.generators.encoding import (
     check_mix,
     check_quality_range,
@@ -40,6 +44,7 @@ from d3builder.generators.encoding import (
 )
 from d3builder.generators.registry import (
     DTYPES,
+    Entry,
     GeneratorEntry,
     RegistryError,
     load_registries,
@@ -47,8 +52,6 @@ from d3builder.generators.registry import (
 from d3builder.generators.runtime import (
     NAN_OUTPUT,
     GenerationResult,
-    LoadedGenerator,
-    load_generator,
     resolve_model_path,
     seed_for,
     size_for,
@@ -69,6 +72,9 @@ logger = logging.getLogger(__name__)
 
 STAGE = "generate"
 RECORD_COLUMNS = ["id", "positive_prompt", "negative_prompt", "split"]
+ROW_PROVENANCE = ("model", "model_revision", "scheduler", "dtype", "num_inference_steps", "guidance_scale",
+                  "safety_checker", "watermark")
+"""Gen-row columns a generator states once (Columns) and an image may state for itself (GenerationResult.fields)."""
 
 
 @dataclass(frozen=True)
@@ -83,18 +89,6 @@ class SpeedOptions:
     vae_tiling: bool = False
 
 
-@dataclass(frozen=True)
-class Job:
-    """One image to render: a record's prompts with its seed and output size."""
-
-    id: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    width: int
-    height: int
-
-
 def plan_batches(jobs: Iterable[Job], batch_size: int) -> list[list[Job]]:
     """Group jobs by output size (sizes in order of first appearance, jobs in order), then cut into batches."""
     if batch_size < 1:
@@ -105,14 +99,14 @@ def plan_batches(jobs: Iterable[Job], batch_size: int) -> list[list[Job]]:
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
-def manifest_registry(manifest: Manifest, *extra: str | Path) -> dict[str, GeneratorEntry]:
+def manifest_registry(manifest: Manifest, *extra: str | Path) -> dict[str, Entry]:
     """The manifest's registry files (plus `extra` ones), loaded and validated (RegistryError on a bad entry)."""
     paths = [*manifest.registry_paths()]
     paths += [Path(p) for p in extra if Path(p).resolve() not in {q.resolve() for q in paths}]
     return load_registries(*paths)
 
 
-def registry_entry(registry: dict[str, GeneratorEntry], name: str) -> GeneratorEntry:
+def registry_entry(registry: dict[str, Entry], name: str) -> Entry:
     """The entry called `name`, or a RegistryError listing the known names."""
     if name not in registry:
         sources = sorted({e.source for e in registry.values()})
@@ -140,10 +134,11 @@ def software() -> str:
 
 
 def failure_reason(error: str) -> str:
-    """The counted reason of one failed image: nan_output, encode_error, or exception:<type>."""
-    if error == NAN_OUTPUT or error.startswith("encode_error"):
-        return error.split(":", 1)[0]
-    return f"exception:{error.split(':', 1)[0].strip() or 'unknown'}"
+    """The counted reason of one failed image: nan_output, encode_error, a backend reason, or exception:<type>."""
+    reason = error.split(":", 1)[0].strip()
+    if error == NAN_OUTPUT or reason == "encode_error" or reason in FAILURE_REASONS:
+        return reason
+    return f"exception:{reason or 'unknown'}"
 
 
 def done(layout: DataLayout, generator: str, shard: int, splits: Sequence[str] | None = None) -> bool:
@@ -183,9 +178,9 @@ class GenerateSummary:
 
 
 class ShardGenerator:
-    """Renders records shards of one generator; the pipeline is loaded on the first shard that needs it."""
+    """Renders records shards of one generator; its backend is loaded on the first shard that needs it."""
 
-    def __init__(self, manifest: Manifest, entry: GeneratorEntry, *, device: str | torch.device,
+    def __init__(self, manifest: Manifest, entry: Entry, *, device: str | torch.device,
                  batch_size: int, speed: SpeedOptions, splits: Sequence[str] | None = None,
                  process_index: int = 0) -> None:
         self.manifest, self.entry, self.device = manifest, entry, torch.device(device)
@@ -195,19 +190,21 @@ class ShardGenerator:
         self.quality = list(check_quality_range(manifest.generate.jpeg_quality))
         check_mix(self.mix)
         self.process_index = process_index
-        self.loaded: LoadedGenerator | None = None
-        self.provenance: dict[str, Any] = {}
+        self.backend: Backend | None = None
+        self.columns = Columns(model=entry.model)
         self.software = software()
 
-    def load(self) -> LoadedGenerator:
-        """Load the pipeline once."""
-        if self.loaded is None:
-            self.loaded = load_generator(self.entry, self.device, **asdict(self.speed))
-            self.provenance = self.loaded.provenance()
-        return self.loaded
+    def load(self) -> Backend:
+        """Load the generator (pipeline, function, API client or folder listing) once."""
+        if self.backend is None:
+            self.backend = load_backend(self.entry, self.device, asdict(self.speed))
+            self.columns = self.backend.columns()
+        return self.backend
 
     def jobs(self, shard: int) -> tuple[list[Job], int]:
-        """The shard's jobs (selected splits, first row of a duplicated id) and how many duplicates were skipped."""
+        """The shard's jobs (selected splits, first row of a duplicated id) and how many duplicates were skipped.
+
+        An entry without sizes (a folder of images made elsewhere) leaves each size to its image."""
         path = self.manifest.layout.records(shard)
         table = pq.read_table(path, columns=RECORD_COLUMNS)
         jobs, seen, duplicates = [], set(), 0
@@ -218,42 +215,41 @@ class ShardGenerator:
                 duplicates += 1
                 continue
             seen.add(row["id"])
-            width, height = size_for(row["id"], self.entry.name, self.manifest.seed, self.entry.sizes)
+            width, height = (size_for(row["id"], self.entry.name, self.manifest.seed, self.entry.sizes)
+                             if self.entry.sizes else (None, None))
             jobs.append(Job(row["id"], row["positive_prompt"] or "", row["negative_prompt"] or "",
                             seed_for(row["id"], self.entry.name, self.manifest.seed), width, height))
         return jobs, duplicates
 
     def row(self, job: Job, result: GenerationResult, seconds: float) -> dict[str, Any]:
-        """The gen row of one job: the encoded image or the failure, with the provenance."""
-        prov = self.provenance
-        encoding = draw_encoding(job.id, self.entry.name, job.seed, self.mix, self.quality)
-        data, error = None, result.error
-        if result.image is not None:
-            try:
-                data = encode_image(result.image, encoding)
-            except (OSError, ValueError) as exc:
-                error = f"encode_error: {type(exc).__name__}: {exc}"
-        pipelines = [self.entry.pipeline, *(s.pipeline for s in self.entry.stages)][: result.stages_run]
+        """The gen row of one job: the image (encoded here per the mix, or kept as encoded elsewhere) or the
+        failure, with the generator's provenance columns (per-image values from `result.fields` win)."""
+        columns = self.columns
+        data, error, fmt, quality = None, result.error, None, None
+        if result.data is not None:
+            data, fmt = result.data, result.encoding
+        elif columns.encoded_here:
+            encoding = draw_encoding(job.id, self.entry.name, job.seed, self.mix, self.quality)
+            fmt, quality = encoding.format, encoding.quality
+            if result.image is not None:
+                try:
+                    data = encode_image(result.image, encoding)
+                except (OSError, ValueError) as exc:
+                    error = f"encode_error: {type(exc).__name__}: {exc}"
+        stated = {key: result.fields.get(key, getattr(columns, key)) for key in ROW_PROVENANCE}
         return {
             "id": job.id,
             "generator": self.entry.name,
             "status": "success" if data is not None else "failed",
             "error_message": error if data is None else None,
-            "image": image_cell(data, f"{self.entry.name}/{job.id}.{extension(encoding.format)}"),
-            "model": self.entry.model,
-            "model_revision": prov["revision"],
-            "pipeline": "+".join(pipelines),
-            "scheduler": prov["scheduler"],
-            "dtype": prov["dtype"],
-            "num_inference_steps": self.entry.steps,
-            "guidance_scale": self.entry.guidance,
-            "seed": job.seed,
-            "width": job.width,
-            "height": job.height,
-            "encoding": encoding.format,
-            "jpeg_quality": encoding.quality,
-            "safety_checker": bool(prov["safety_checker"]),
-            "watermark": bool(prov["watermark"]),
+            "image": image_cell(data, f"{self.entry.name}/{job.id}.{extension(fmt)}"),
+            **stated,
+            "pipeline": result.fields.get("pipeline") or result.pipeline or columns.pipeline,
+            "seed": result.seed,
+            "width": result.width,
+            "height": result.height,
+            "encoding": fmt,
+            "jpeg_quality": quality,
             "prompt": job.prompt,
             "negative_prompt": job.negative_prompt,
             "software": self.software,
@@ -266,15 +262,14 @@ class ShardGenerator:
         output = layout.gen(self.entry.name, shard)
         for stale in output.parent.glob(f".{output.name}.tmp-*"):
             stale.unlink(missing_ok=True)  # left by a killed run of this unit; we hold its claim now
-        loaded = self.load() if jobs else None
+        backend = self.load() if jobs else None
         started, rendering = time.time(), 0.0
         counts, reasons, encodings = Counter(), Counter(), Counter()
         stream = ShardStream(output, GEN_FEATURES)
         try:
             for batch in plan_batches(jobs, self.batch_size):
                 tick = time.perf_counter()
-                results = loaded.generate([j.prompt for j in batch], [j.negative_prompt for j in batch],
-                                          batch[0].width, batch[0].height, [j.seed for j in batch])
+                results = backend.render(batch)
                 seconds = time.perf_counter() - tick
                 rendering += seconds
                 for job, result in zip(batch, results, strict=True):
@@ -311,7 +306,9 @@ class ShardGenerator:
             "seed": self.manifest.seed,
             "device": str(self.device),
             "process_index": self.process_index,
-            "provenance": self.provenance or None,
+            "kind": self.entry.kind,
+            "provenance": self.backend.provenance() if self.backend is not None else None,
+            "not_recorded": dict(self.columns.not_recorded),
             "output": str(output.relative_to(layout.root)),
             "seconds": round(time.time() - started, 3),
             "render_seconds": round(rendering, 3),
@@ -331,8 +328,10 @@ def _records_in(layout: DataLayout, shards: Sequence[int], splits: Sequence[str]
     return total
 
 
-def prepare_weights(entry: GeneratorEntry, state: PartialState) -> None:
+def prepare_weights(entry: Entry, state: PartialState) -> None:
     """Build tiny twins on the main process first: under torch.distributed, transformers saves weights on rank 0 only."""
+    if not isinstance(entry, GeneratorEntry):
+        return
     with state.main_process_first():
         for spec in (entry, *entry.stages):
             resolve_model_path(spec)
@@ -347,7 +346,7 @@ def generate_shards(
     manifest: Manifest,
     generator_name: str,
     *,
-    registry: dict[str, GeneratorEntry] | None = None,
+    registry: dict[str, Entry] | None = None,
     shards: Sequence[int] | None = None,
     batch_size: int | None = None,
     speed: SpeedOptions | None = None,
@@ -361,6 +360,7 @@ def generate_shards(
     A bad registry, an unknown generator or bad options raise before any shard is touched."""
     registry = manifest_registry(manifest) if registry is None else registry
     entry = registry_entry(registry, generator_name)
+    check_ready(entry)
     speed = speed or SpeedOptions()
     batch_size = batch_size or manifest.generate.batch_size
     if speed.dtype is not None and speed.dtype not in DTYPES:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,20 +57,44 @@ def resolve_model_path(entry: GeneratorEntry | StageEntry) -> str:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """One rendered image (RGB, exactly width x height) or the reason it failed."""
+    """One rendered image or the reason it failed.
 
-    seed: int
-    width: int
-    height: int
+    `image` (RGB, exactly width x height) is encoded later per the encoding mix; `data` is an image already
+    encoded elsewhere (an HTTP API, a folder), kept byte for byte with its real `encoding`. `fields` holds
+    per-image provenance columns (e.g. a folder index's seed) that override the generator's."""
+
+    seed: int | None
+    width: int | None
+    height: int | None
     image: Image.Image | None = None
     error: str | None = None
     resized_from: tuple[int, int] | None = None  # the pipeline's native (width, height) when it differed
     stages_run: int = 1  # pipelines run for this image (base + cascade stages)
+    data: bytes | None = None
+    encoding: str | None = None
+    pipeline: str | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         """True when an image was produced."""
         return self.error is None
+
+
+def fit(image: Image.Image, width: int, height: int) -> tuple[Image.Image, tuple[int, int] | None]:
+    """`image` at exactly width x height (centre crop to the aspect, then LANCZOS) and its native size if it differed."""
+    native = image.size
+    if native == (width, height):
+        return image, None
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS), native
+
+
+def negative_argument(negatives: list[str]) -> list[str] | None:
+    """The negative prompts to pass, or None (pass none: the pipeline's own default) when every one is empty.
+
+    SDXL (force_zeros_for_empty_prompt) zeroes the negative embedding only for its default None; "" would be
+    encoded as text. PixArt's default is "" itself."""
+    return None if not any(negatives) else list(negatives)
 
 
 def _accepts(pipe: Any, name: str) -> bool:
@@ -169,7 +194,7 @@ def _stage_input(pipe: Any, images01: torch.Tensor) -> torch.Tensor:
     return images01
 
 
-def _short(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
     """One-line reason for a failed batch."""
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     return text[:MAX_ERROR_CHARS]
@@ -198,18 +223,18 @@ class LoadedGenerator:
     dtype: torch.dtype
     switches: dict[str, bool] = field(default_factory=dict)
 
-    def _call(self, pipe: Any, spec: GeneratorEntry | StageEntry, prompts: list[str], negatives: list[str],
+    def _call(self, pipe: Any, spec: GeneratorEntry | StageEntry, prompts: list[str], negatives: list[str] | None,
               generators: list[torch.Generator], output_type: str, **extra: Any) -> Any:
         """Run one pipeline on the batch with the entry's sampling settings."""
         kwargs: dict[str, Any] = {
             "prompt": prompts, "num_inference_steps": spec.steps, "guidance_scale": spec.guidance,
             "generator": generators, "output_type": output_type, **spec.call_kwargs, **extra,
         }
-        if _accepts(pipe, "negative_prompt"):
+        if negatives is not None and _accepts(pipe, "negative_prompt"):
             kwargs["negative_prompt"] = negatives
         return pipe(**kwargs).images
 
-    def _render(self, prompts: list[str], negatives: list[str], width: int, height: int,
+    def _render(self, prompts: list[str], negatives: list[str] | None, width: int, height: int,
                 seeds: list[int]) -> tuple[np.ndarray, int]:
         """Run the cascade; return float NHWC images in [0, 1] and the number of pipelines run."""
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -234,32 +259,45 @@ class LoadedGenerator:
 
     def generate(self, prompts: list[str], negative_prompts: list[str], width: int, height: int,
                  seeds: list[int]) -> list[GenerationResult]:
-        """Render one batch at one size; image i depends only on (prompts[i], negative_prompts[i], seeds[i])."""
+        """Render one batch at one size; image i depends only on (prompts[i], negative_prompts[i], seeds[i]).
+
+        Images without a negative prompt are rendered apart from those with one, so that each gets
+        negative_prompt=None or its own text whatever else shares its batch."""
         if not (len(prompts) == len(negative_prompts) == len(seeds)) or not prompts:
             raise ValueError(f"need equal, non-zero numbers of prompts ({len(prompts)}), negative prompts "
                              f"({len(negative_prompts)}) and seeds ({len(seeds)})")
         if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63 for s in seeds):
             raise ValueError(f"seeds must be integers in [0, 2**63), got {seeds}")
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        for has_negative in (False, True):
+            group = [i for i, n in enumerate(negative_prompts) if bool(n) == has_negative]
+            if group:
+                rendered = self._generate_group([prompts[i] for i in group], [negative_prompts[i] for i in group],
+                                                width, height, [seeds[i] for i in group])
+                for i, result in zip(group, rendered, strict=True):
+                    results[i] = result
+        return [r for r in results if r is not None]
+
+    def _generate_group(self, prompts: list[str], negatives: list[str], width: int, height: int,
+                        seeds: list[int]) -> list[GenerationResult]:
+        """Render images that all have a negative prompt, or all have none."""
         try:
-            arrays, stages_run = self._render(list(prompts), list(negative_prompts), width, height, seeds)
+            arrays, stages_run = self._render(prompts, negative_argument(negatives), width, height, seeds)
         except Exception as exc:  # a failed batch is recorded per image; the caller goes on with the next one
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            return [GenerationResult(seed=s, width=width, height=height, error=_short(exc)) for s in seeds]
+            return [GenerationResult(seed=s, width=width, height=height, error=short_error(exc)) for s in seeds]
+        pipeline = "+".join([self.entry.pipeline, *(s.pipeline for s in self.entry.stages)][:stages_run])
         results = []
         for seed, array in zip(seeds, arrays, strict=True):
             image = _to_pil(array)
             if image is None:
                 results.append(GenerationResult(seed=seed, width=width, height=height, error=NAN_OUTPUT,
-                                                stages_run=stages_run))
+                                                stages_run=stages_run, pipeline=pipeline))
                 continue
-            native = image.size
-            if native != (width, height):
-                image = ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
-            results.append(GenerationResult(
-                seed=seed, width=width, height=height, image=image, stages_run=stages_run,
-                resized_from=native if native != (width, height) else None,
-            ))
+            image, native = fit(image, width, height)
+            results.append(GenerationResult(seed=seed, width=width, height=height, image=image, stages_run=stages_run,
+                                            resized_from=native, pipeline=pipeline))
         return results
 
     def provenance(self) -> dict[str, Any]:

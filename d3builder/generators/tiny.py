@@ -346,15 +346,3 @@ def tiny_model_path(kind: str) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
-    try:
-        build_tiny(kind).save_pretrained(tmp, safe_serialization=True)
-        try:
-            os.rename(tmp, final)  # atomic publish; a concurrent builder may have won the race
-        except OSError:
-            if not (final / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final

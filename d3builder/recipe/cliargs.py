@@ -9,9 +9,9 @@ from d3builder.generators.render import SpeedOptions
 from d3builder.recipe.manifest import Manifest, load_manifest
 
 
-def add_manifest_args(parser: argparse.ArgumentParser) -> None:
+def add_manifest_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """`--manifest M` and `--output-root DIR`."""
-    parser.add_argument("--manifest", "-m", required=True, help="dataset recipe (YAML), e.g. manifests/tiny.yaml")
+    parser.add_argument("--manifest", "-m", required=required, help="dataset recipe (YAML), e.g. manifests/tiny.yaml")
     parser.add_argument("--output-root", help="write under this folder instead of the manifest's output_root")
 
 

@@ -83,6 +83,8 @@ class FetchConfig:
     """X-Robots-Tag directives that opt an image out (img2dataset's defaults: honoured unless emptied)."""
     distributor: str = "multiprocessing"
     max_image_bytes: int = 50_000_000
+    allow_private_addresses: bool = False
+    """Download from hosts that are or resolve to loopback, private, link-local... addresses (off: refused)."""
 
     def validate(self) -> None:
         if self.distributor not in ("multiprocessing", "pyspark", "ray"):

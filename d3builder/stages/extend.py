@@ -4,7 +4,9 @@ The same machinery as the D3 generators: `generate_shards` (restricted to the te
 gen/{g}/{k}.parquet intermediate, then each records shard's test records are joined by id with
 real/{k}.parquet exactly as `assemble` joins them, into the final shard format with one generator slot
 (gen0 = the new generator). Readers handle these shards like D3 test shards. Adding a generator is one
-registry entry (manifests/extended.yaml) and its name under the manifest's extended.generators.
+registry entry (manifests/extended.yaml) and its name under the manifest's extended.generators; the entry
+may be of any kind (diffusers, python, http, folder), and every named entry must be ready to run here
+before any work starts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from d3builder.generators.registry import RegistryError
+from d3builder.generators.backends import availability, check_ready, describe
+from d3builder.generators.backends.folder import unmatched_files
+from d3builder.generators.registry import Entry, FolderEntry, RegistryError
 from d3builder.generators.render import (
     GenerateSummary,
     SpeedOptions,
@@ -44,7 +48,7 @@ from d3builder.storage.pairing import (
     read_records,
 )
 from d3builder.storage.schema import d3_features
-from d3builder.storage.shards import ShardStream
+from d3builder.storage.shards import ShardStream, atomic_write_json
 from d3builder.storage.units import claim, shards_for_process, unit_done, write_stats
 
 logger = logging.getLogger(__name__)
@@ -64,6 +68,8 @@ class ExtendSummary:
     written: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
     reasons: dict[str, Counter] = field(default_factory=dict)
+    unmatched: dict[str, list[str]] = field(default_factory=dict)
+    """Per folder generator: its images that match no test record id."""
 
     @property
     def complete(self) -> bool:
@@ -145,6 +151,8 @@ def extend(
     if not names:
         raise RegistryError(f"{manifest.path}: extended.generators is empty and no generator was named")
     entries = [registry_entry(registry, name) for name in names]
+    for entry in entries:
+        check_ready(entry)
     state = process_state()
     summary = ExtendSummary()
     for entry in entries:
@@ -169,12 +177,47 @@ def extend(
             reasons.update(dropped)
         summary.joined[entry.name], summary.already_done[entry.name] = joined, already
         summary.not_joined[entry.name], summary.reasons[entry.name] = problems, reasons
+        if isinstance(entry, FolderEntry) and state.is_main_process:
+            summary.unmatched[entry.name] = _record_unmatched(manifest, entry)
     return summary
+
+
+def _record_unmatched(manifest: Manifest, entry: FolderEntry) -> list[str]:
+    """The folder's images that match no test record, also written to stats/extend/{g}/unmatched.json."""
+    layout = manifest.layout
+    test_ids = [r["id"] for k in layout.record_shards() for r in read_records(layout.records(k)) if r["split"] == SPLIT]
+    unmatched = unmatched_files(entry, test_ids)
+    stats = layout.stats(STAGE, 0, entry.name).parent / "unmatched.json"
+    atomic_write_json(stats, {"generator": entry.name, "folder": entry.folder, "index": entry.index,
+                              "unmatched": unmatched})
+    return unmatched
+
+
+def list_generators(registry: dict[str, Entry]) -> list[dict[str, str]]:
+    """One row per registered generator: name, kind, what it runs, and whether it can run here (and why)."""
+    rows = []
+    for name, entry in sorted(registry.items()):
+        ok, why = availability(entry)
+        rows.append({"name": name, "kind": entry.kind, "runs": describe(entry), "here": "yes" if ok else "no",
+                     "why": why})
+    return rows
+
+
+def _print_list(manifest: Manifest, generators_file: str | None) -> int:
+    path = Path(generators_file) if generators_file is not None else manifest.extended_registry_path()
+    rows = list_generators(manifest_registry(manifest, path))
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("name", "kind", "runs", "here")}
+    print("  ".join(k.upper().ljust(widths[k]) for k in widths) + "  WHY")
+    for row in rows:
+        print("  ".join(row[k].ljust(widths[k]) for k in widths) + f"  {row['why']}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     manifest = manifest_from_args(args)
     try:
+        if args.list:
+            return _print_list(manifest, args.generators)
         summary = extend(manifest, args.generators, args.only, batch_size=args.batch_size, speed=speed_from_args(args))
     except (RegistryError, ValueError) as exc:
         print(f"d3builder extend: {exc}")
@@ -187,6 +230,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"  dropped {reason}: {count}")
         for shard, problem in sorted(summary.not_joined[name].items()):
             print(f"  shard {shard}: NOT written: {problem}")
+        if summary.unmatched.get(name):
+            files = summary.unmatched[name]
+            print(f"  {len(files)} image(s) match no test record: {', '.join(files[:10])}"
+                  + (" ..." if len(files) > 10 else ""))
     return 0 if summary.complete else 1
 
 
@@ -197,12 +244,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="render the test records with further generators into extended/{g}/test-{k}.parquet",
         description="For each extended generator: render the test-split records (gen/{g}/{k}.parquet, as "
         "`generate` does) and join them with real/{k}.parquet into extended/{g}/test-{k}.parquet, the final "
-        "shard format with one generator slot (gen0). Resumable; runs under accelerate launch like generate.",
+        "shard format with one generator slot (gen0). A generator is any registry entry: a diffusers pipeline, a "
+        "Python function, an HTTP API or a folder of images made elsewhere (see --list). Resumable; runs under "
+        "accelerate launch like generate.",
     )
     add_manifest_args(parser)
     parser.add_argument("--generators", help="registry of the further generators (default: the manifest's "
                         "extended.registry, e.g. manifests/extended.yaml)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="only these generators (default: the manifest's "
                         "extended.generators)")
+    parser.add_argument("--list", action="store_true", help="list every registered generator with its kind, what it "
+                        "runs and whether it can run here (weights, API key, importable callable, folder); runs nothing")
     add_speed_args(parser)
     parser.set_defaults(func=_run)

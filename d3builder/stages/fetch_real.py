@@ -1,14 +1,18 @@
-"""`fetch-real`: each records shard's real images, fetched by img2dataset byte for byte, into `real/{k}.parquet`."""
+"""`fetch-real`: each records shard's real images, fetched by img2dataset byte for byte, into `real/{k}.parquet`.
+
+A record's URLs are tried in order (its own, then the `alternate_urls` its duplicates left): one
+img2dataset pass per position, over the records still without an image. Unless the manifest allows
+private addresses, a URL whose host is or resolves to a non-public address is refused before any request.
+"""
 
 from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
-import io
 import logging
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -21,75 +25,30 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image as PILImage
-from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
+from d3builder.download.addresses import url_refusals
+from d3builder.download.errors import download_error_text
 from d3builder.download.img2dataset_runner import (
     fetch_rows,
     img2dataset_options,
     img2dataset_version,
 )
+from d3builder.imaging.inspection import Inspection, inspect_image
 from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
-from d3builder.recipe.manifest import FetchConfig, Manifest
+from d3builder.recipe.elsa import DEFAULT_SHARD_SIZE, ElsaError, ingest_elsa
+from d3builder.recipe.manifest import FetchConfig, Manifest, MetadataSource
 from d3builder.storage.layout import DataLayout, shard_name
 from d3builder.storage.schema import REAL_FEATURES
 from d3builder.storage.shards import write_shard
 from d3builder.storage.units import claim, is_done, read_stats, write_stats
 
 STAGE = "fetch-real"
+ELSA_RELEASE = "elsaEU/ELSA_D3"
 SUCCESS, FAILED = "success", "failed"
 REASON_CHARS = 200
 
 log = logging.getLogger(__name__)
-
-JPEG_FORMATS = {"JPEG", "MPO"}
-
-
-@dataclass(frozen=True)
-class Inspection:
-    """What one record's fetched bytes turned out to be (or why there are none)."""
-
-    error: str | None = None
-    width: int | None = None
-    height: int | None = None
-    encoding: str | None = None
-    sha256: str | None = None
-    num_bytes: int | None = None
-
-
-def inspect_image(data: bytes | memoryview, max_bytes: int) -> Inspection:
-    """Decode `data` with Pillow, decompression-bomb guard on: its size and format, or why it is no usable image.
-
-    JPEGs are decoded at 1/8 scale (libjpeg's DCT scaling): every entropy-coded byte is still decoded, so
-    truncated or corrupt data fails exactly as in a full decode, for about half the CPU.
-    """
-    size, digest = len(data), hashlib.sha256(data).hexdigest()
-
-    def failed(reason: str) -> Inspection:
-        return Inspection(error=reason, sha256=digest, num_bytes=size)
-
-    if size == 0:
-        return failed("empty response: the server sent no bytes")
-    if size > max_bytes:
-        return failed(f"too large: {size} bytes, over max_image_bytes={max_bytes}")
-    try:
-        with PILImage.open(io.BytesIO(data)) as image:
-            width, height, encoding = image.width, image.height, image.format
-            limit = PILImage.MAX_IMAGE_PIXELS
-            if limit and width * height > limit:
-                return failed(f"decompression bomb guard: {width}x{height} pixels, over Pillow's {limit}")
-            if encoding in JPEG_FORMATS:
-                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-            image.load()
-            return Inspection(None, width, height, encoding, digest, size)
-    except PILImage.DecompressionBombError as exc:
-        return failed(f"decompression bomb guard: {exc}")
-    except UnidentifiedImageError:
-        return failed(f"not an image Pillow can identify: starts with {bytes(data[:16])!r}")
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means the bytes are no usable image
-        return failed(f"image does not decode: {type(exc).__name__}: {exc}")
-
 
 def failure_reason(message: str) -> str:
     """The part of an error message that names its kind (for counting failures by reason)."""
@@ -155,20 +114,76 @@ def inspect_rows(rows: pa.Table, max_bytes: int) -> Fetched:
     )
 
 
-def real_table(records: pa.Table, fetched: Fetched) -> pa.Table:
-    """One REAL_FEATURES row per record, in records order: the server's bytes if they decode, else why not."""
+@dataclass(frozen=True)
+class Outcome:
+    """What one URL gave one record: an inspected image (with its bytes as a one-row array) or an error."""
+
+    inspection: Inspection
+    cell: pa.Array | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.inspection.error is None
+
+
+def outcomes(ids: Sequence[str], fetched: Fetched) -> dict[str, Outcome]:
+    """Each id's outcome in one img2dataset run: its bytes if they decode, else why not."""
     first_row: dict[str, int] = {}
     for j, record_id in enumerate(fetched.ids):
         first_row.setdefault(record_id, j)
-    rows = [first_row.get(record_id) for record_id in records["id"].to_pylist()]
-    results = []
-    for j in rows:
+    result = {}
+    for record_id in ids:
+        j = first_row.get(record_id)
         if j is None:
-            results.append(Inspection(error="img2dataset wrote no row for this record"))
+            result[record_id] = Outcome(Inspection(error="img2dataset wrote no row for this record"))
         elif fetched.statuses[j] != SUCCESS:
-            results.append(Inspection(error=fetched.messages[j] or fetched.statuses[j]))
+            message = fetched.messages[j]
+            result[record_id] = Outcome(Inspection(error=download_error_text(message) if message else fetched.statuses[j]))
         else:
-            results.append(fetched.inspections[j])
+            inspection = fetched.inspections[j]
+            result[record_id] = Outcome(inspection, fetched.cells[j] if inspection.error is None else None)
+    return result
+
+
+def fetch_urls(folder: Path, rows: pa.Table, fetch: FetchConfig, progress: bool) -> dict[str, Outcome]:
+    """One URL per record (id, url): refused addresses answered without a request, the rest fetched and inspected."""
+    ids, urls = rows["id"].to_pylist(), rows["url"].to_pylist()
+    refused = {} if fetch.allow_private_addresses else url_refusals(urls, fetch.threads)
+    result = {i: Outcome(Inspection(error=refused[u])) for i, u in zip(ids, urls, strict=True) if refused.get(u)}
+    allowed = rows.filter(pa.array([not refused.get(u) for u in urls], pa.bool_()))
+    if allowed.num_rows:
+        inspect = functools.partial(inspect_rows, max_bytes=fetch.max_image_bytes)
+        parts = fetch_rows(allowed, folder, fetch, inspect, progress)
+        result.update(outcomes(allowed["id"].to_pylist(), Fetched.concat(parts)))
+    return result
+
+
+def failure_message(errors: Sequence[str]) -> str:
+    """One record's failure: its own URL's error first (the reason it is counted under), then each alternate's."""
+    if not errors:
+        return "no URL to fetch"
+    return "; ".join([errors[0], *(f"alternate URL {i}: {e}" for i, e in enumerate(errors[1:], start=1))])
+
+
+def real_table(records: pa.Table, candidates: dict[str, list[str]], served: dict[str, tuple[int, Outcome]],
+               failures: dict[str, list[Inspection]]) -> pa.Table:
+    """One REAL_FEATURES row per record, in records order: the image one of its URLs served, else why none did."""
+    results, cells, indices, served_urls = [], [], [], []
+    for record_id in records["id"].to_pylist():
+        if record_id in served:
+            index, outcome = served[record_id]
+            results.append(outcome.inspection)
+            cells.append(outcome.cell)
+            indices.append(index)
+            served_urls.append(candidates[record_id][index])
+            continue
+        tried = failures.get(record_id, [])
+        first = tried[0] if tried else Inspection()
+        message = failure_message([t.error or "unknown" for t in tried])
+        results.append(Inspection(message, first.width, first.height, first.encoding, first.sha256, first.num_bytes))
+        cells.append(None)
+        indices.append(None)
+        served_urls.append(None)
     column = {
         name: [getattr(r, name) for r in results] for name in ("width", "height", "encoding", "sha256", "num_bytes")
     }
@@ -178,22 +193,30 @@ def real_table(records: pa.Table, fetched: Fetched) -> pa.Table:
             "url": records["url"],
             "status": pa.array([SUCCESS if r.error is None else FAILED for r in results], pa.string()),
             "error_message": pa.array([r.error for r in results], pa.string()),
-            "image": _image_column(
-                [fetched.cells[j] if r.error is None else None for j, r in zip(rows, results, strict=True)]
-            ),
+            "image": _image_column(cells),
             "width": pa.array(column["width"], pa.int64()),
             "height": pa.array(column["height"], pa.int64()),
             "encoding": pa.array(column["encoding"], pa.string()),
             "sha256": pa.array(column["sha256"], pa.string()),
             "num_bytes": pa.array(column["num_bytes"], pa.int64()),
+            "url_index": pa.array(indices, pa.int64()),
+            "served_url": pa.array(served_urls, pa.string()),
         }
     )
 
 
+def conform(table: pa.Table) -> pa.Table:
+    """A real shard in today's REAL_FEATURES schema (columns added since it was written read as null)."""
+    schema = REAL_FEATURES.arrow_schema
+    for name in schema.names:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
+    return table.select(schema.names).cast(schema)
+
+
 def merge_retry(old: pa.Table, new: pa.Table) -> pa.Table:
     """`old` with each row whose id is in `new` replaced by `new`'s row, order kept, other rows untouched."""
-    schema = REAL_FEATURES.arrow_schema
-    old, new = old.select(list(REAL_FEATURES)).cast(schema), new.select(list(REAL_FEATURES)).cast(schema)
+    old, new = conform(old), conform(new)
     replacement = {record_id: j for j, record_id in enumerate(new["id"].to_pylist())}
     pieces, start = [], 0
     for i, record_id in enumerate(old["id"].to_pylist()):
@@ -211,9 +234,11 @@ def shard_counts(table: pa.Table) -> dict[str, Any]:
     statuses, messages = table["status"].to_pylist(), table["error_message"].to_pylist()
     encodings, sizes = table["encoding"].to_pylist(), table["num_bytes"].to_pylist()
     ok = [s == SUCCESS for s in statuses]
+    indices = table["url_index"].to_pylist() if "url_index" in table.column_names else [None] * len(ok)
     return {
         "records": table.num_rows,
         "successes": sum(ok),
+        "served_by_alternate_url": sum(1 for i, good in zip(indices, ok, strict=True) if good and (i or 0) > 0),
         "failures": len(ok) - sum(ok),
         "failures_by_reason": dict(
             Counter(failure_reason(m or "unknown") for m, good in zip(messages, ok, strict=True) if not good)
@@ -224,8 +249,11 @@ def shard_counts(table: pa.Table) -> dict[str, Any]:
 
 
 def read_records(path: Path) -> pa.Table:
-    """A records shard's (id, url), checked for duplicate ids."""
-    records = pq.read_table(path, columns=["id", "url"])
+    """A records shard's (id, url, alternate_urls), checked for duplicate ids (no alternates in older shards)."""
+    names = pq.read_schema(path).names
+    records = pq.read_table(path, columns=["id", "url", *(["alternate_urls"] if "alternate_urls" in names else [])])
+    if "alternate_urls" not in names:
+        records = records.append_column("alternate_urls", pa.array([[]] * records.num_rows, pa.list_(pa.string())))
     ids = records["id"].to_pylist()
     if len(set(ids)) != len(ids):
         duplicate = next(i for i, n in Counter(ids).items() if n > 1)
@@ -253,15 +281,30 @@ def work_dir(layout: DataLayout, shard: int) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def download(layout: DataLayout, shard: int, rows: pa.Table, fetch: FetchConfig, progress: bool) -> pa.Table:
-    """`rows` (id, url) as REAL_FEATURES rows, fetched by img2dataset in a temporary folder that is removed after."""
-    if rows.num_rows == 0:
-        return real_table(rows, Fetched())
-    with work_dir(layout, shard) as folder:
-        parts = fetch_rows(
-            rows, folder, fetch, functools.partial(inspect_rows, max_bytes=fetch.max_image_bytes), progress
+def download(layout: DataLayout, shard: int, records: pa.Table, fetch: FetchConfig, progress: bool) -> pa.Table:
+    """`records` (id, url, alternate_urls) as REAL_FEATURES rows, each record's URLs tried in order until one serves
+    a usable image: one img2dataset pass per URL position, in a temporary folder that is removed after."""
+    ids = records["id"].to_pylist()
+    candidates = {
+        record_id: [u for u in [url, *(alternates or [])] if u]
+        for record_id, url, alternates in zip(
+            ids, records["url"].to_pylist(), records["alternate_urls"].to_pylist(), strict=True
         )
-    return real_table(rows, Fetched.concat(parts))
+    }
+    served: dict[str, tuple[int, Outcome]] = {}
+    failures: dict[str, list[Inspection]] = {record_id: [] for record_id in ids}
+    with work_dir(layout, shard) as folder:
+        for index in range(max(map(len, candidates.values()), default=0)):
+            todo = [r for r in ids if r not in served and index < len(candidates[r])]
+            if not todo:
+                break
+            rows = pa.table({"id": pa.array(todo, pa.string()), "url": [candidates[r][index] for r in todo]})
+            for record_id, outcome in fetch_urls(folder / f"url-{index}", rows, fetch, progress).items():
+                if outcome.ok:
+                    served[record_id] = (index, outcome)
+                else:
+                    failures[record_id].append(outcome.inspection)
+    return real_table(records, candidates, served, failures)
 
 
 @dataclass
@@ -290,6 +333,7 @@ def fetch_shard(layout: DataLayout, shard: int, fetch: FetchConfig, progress: bo
             "urls_per_s": records.num_rows / seconds if seconds > 0 else None,
             "img2dataset_version": img2dataset_version(),
             "img2dataset_options": img2dataset_options(fetch, records.num_rows),
+            "allow_private_addresses": fetch.allow_private_addresses,
             "retries": [],
         },
     )
@@ -302,10 +346,11 @@ def retry_shard(layout: DataLayout, shard: int, fetch: FetchConfig, progress: bo
     start = time.time()
     output, stats_path = layout.real(shard), layout.stats(STAGE, shard)
     old = pq.read_table(output)
-    failed = old.filter(pc.equal(old["status"], FAILED)).select(["id", "url"])
+    failed = old.filter(pc.equal(old["status"], FAILED))
     if failed.num_rows == 0:
         return ShardOutcome("skipped")
-    new = download(layout, shard, failed, fetch, progress)
+    records = read_records(layout.records(shard))
+    new = download(layout, shard, records.filter(pc.is_in(records["id"], failed["id"])), fetch, progress)
     merged = merge_retry(old, new)
     write_shard(merged, output, REAL_FEATURES)
     seconds = time.time() - start
@@ -314,6 +359,7 @@ def retry_shard(layout: DataLayout, shard: int, fetch: FetchConfig, progress: bo
     attempt = {
         "retried": failed.num_rows,
         "recovered": counts["successes"] - stats.get("successes", 0),
+        "recovered_by_alternate_url": counts["served_by_alternate_url"] - stats.get("served_by_alternate_url", 0),
         "duration_s": seconds,
         "urls_per_s": failed.num_rows / seconds if seconds > 0 else None,
         "img2dataset_version": img2dataset_version(),
@@ -409,9 +455,45 @@ def shard_list(text: str) -> list[int]:
     return shards
 
 
+def positive_int(text: str) -> int:
+    """Parse a count of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def manifest_for(args: argparse.Namespace) -> Manifest:
+    """The command line's manifest; with --elsa and none, a bare one writing under --output-root."""
+    if args.manifest:
+        manifest = manifest_from_args(args)
+    else:
+        manifest = Manifest(
+            name="elsa", output_root=args.output_root, metadata=MetadataSource(args.elsa, ELSA_RELEASE),
+            shard_size=args.shard_size or DEFAULT_SHARD_SIZE, generators=[],
+        )  # fmt: skip
+    if args.allow_private_addresses:
+        manifest.fetch.allow_private_addresses = True
+    return manifest
+
+
 def run(args: argparse.Namespace) -> int:
     """The `fetch-real` subcommand."""
-    summary = fetch_real(manifest_from_args(args), shards=args.shards, retry_failed=args.retry_failed)
+    if not args.manifest and not (args.elsa and args.output_root):
+        print(
+            "d3builder fetch-real: error: give --manifest M (records written by select), "
+            "or --elsa SOURCE --output-root DIR (the published ELSA_D3 parquet)",
+            file=sys.stderr,
+        )
+        return 2
+    manifest = manifest_for(args)
+    if args.elsa:
+        try:
+            records = ingest_elsa(args.elsa, manifest.layout, args.shard_size or manifest.shard_size)
+        except ElsaError as exc:
+            print(f"d3builder fetch-real: error: {exc}", file=sys.stderr)
+            return 2
+        print(records.describe(manifest.layout))
+    summary = fetch_real(manifest, shards=args.shards, retry_failed=args.retry_failed)
     print(summary.describe())
     return 0 if summary.ok else 1
 
@@ -422,9 +504,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "fetch-real",
         help="download the real images with img2dataset (original bytes) into real/{k}.parquet",
         description="Download each records shard's images with img2dataset, keeping the bytes the server sent, "
-        "into real/{k}.parquet with a status and reason per record; done shards are skipped.",
+        "into real/{k}.parquet with a status and reason per record; done shards are skipped. The records come "
+        "from `select` (--manifest) or from the published ELSA_D3 parquet (--elsa, keyed by its id column).",
     )
-    add_manifest_args(parser)
+    add_manifest_args(parser, required=False)
+    parser.add_argument(
+        "--elsa", metavar="SOURCE",
+        help="read the records from the published ELSA_D3 parquet: a file or folder, an hf:// URL, or a hub "
+        "dataset id such as elsaEU/ELSA_D3 (only its id, url and prompt columns are read); needs --output-root "
+        "or --manifest",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shard-size", type=positive_int, help=f"records per shard with --elsa (default: the manifest's, else {DEFAULT_SHARD_SIZE})"
+    )
+    parser.add_argument(
+        "--allow-private-addresses", action="store_true",
+        help="also download from loopback, private and link-local hosts (as fetch.allow_private_addresses: true)",
+    )  # fmt: skip
     parser.add_argument(
         "--retry-failed", action="store_true", help="also download the failed records of done shards again"
     )

@@ -26,7 +26,7 @@ from d3builder.generators.encoding import (
     encode_image,
     jpeg_quality_for,
 )
-from d3builder.generators.registry import GeneratorEntry, RegistryError
+from d3builder.generators.registry import Entry, GeneratorEntry, RegistryError
 from d3builder.generators.render import (
     STAGE,
     Job,
@@ -180,7 +180,7 @@ def regenerate(
     ids: Sequence[str],
     *,
     out_dir: str | Path | None = None,
-    registry: dict[str, GeneratorEntry] | None = None,
+    registry: dict[str, Entry] | None = None,
     device: str | torch.device | None = None,
 ) -> list[Regenerated]:
     """Re-render records `ids` of one generator from their stored provenance into `out_dir`, in input order.
@@ -188,6 +188,9 @@ def regenerate(
     `out_dir` defaults to DATA/regenerated/{generator}; `device` to CUDA when available."""
     registry = manifest_registry(manifest) if registry is None else registry
     entry = registry_entry(registry, generator_name)
+    if not isinstance(entry, GeneratorEntry):
+        raise RegistryError(f"{entry.source}: entry '{entry.name}': key 'kind': regenerate re-renders diffusers "
+                            f"pipelines from their provenance, not a {entry.kind} generator")
     layout = manifest.layout
     out = Path(out_dir) if out_dir is not None else layout.root / "regenerated" / entry.name
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

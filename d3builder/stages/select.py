@@ -9,7 +9,13 @@ Every choice comes from hashes of (SAMPLE_ID, seed), never from file order:
 - with sampling.max_records, the max_records smallest hashes win, so added files can displace
   records chosen before.
 - duplicates (same SAMPLE_ID, or same URL) are resolved greedily in hash order: the row with the
-  smallest (selection_hash, content digest) is kept, later ones are dropped.
+  smallest (selection_hash, content digest) is kept, later ones are dropped. The URLs of a kept
+  record's dropped same-id rows stay with it as `alternate_urls` (in that order; never a URL another
+  record uses, each URL given to one record only, at most MAX_ALTERNATE_URLS), for `fetch-real` to
+  try when the first fails.
+- a row holding a value that cannot be read as its LAION type (text in a number column, a fraction
+  or infinity in an integer column, invalid UTF-8, a negative SAMPLE_ID) is dropped as `bad_value`;
+  NaN in an integer column is a missing value, as pandas writes it.
 - split = an independent hash of (id, seed, "split") against the cumulative split fractions, in
   SPLITS order (train, fit, validation, test): a recipe that adds `fit` by taking its share from
   train's moves train records only.
@@ -26,6 +32,7 @@ import argparse
 import hashlib
 import heapq
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -33,25 +40,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
-from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
 from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
 from d3builder.recipe.manifest import EMBEDDED_SOURCE, SPLITS, Manifest
 from d3builder.storage.layout import DataLayout
-from d3builder.storage.schema import LAION_COLUMNS, RECORD_FEATURES
+from d3builder.storage.schema import LAION_COLUMNS, MAX_ALTERNATE_URLS, RECORD_FEATURES
 from d3builder.storage.shards import write_shard
+from d3builder.storage.sources import (
+    URL_PATTERN,
+    InputFile,
+    SourceError,
+    open_parquet_inputs,
+)
 from d3builder.storage.units import read_stats, write_stats
 
 log = logging.getLogger(__name__)
 
 STAGE = "select"
 FILTER_REASONS = (
+    "bad_value",
     "null_sample_id",
     "bad_url",
     "nsfw",
@@ -66,9 +77,6 @@ FILTER_REASONS = (
 REASONS = (*FILTER_REASONS, "not_sampled", "duplicate_id", "duplicate_url", "over_max_records")
 """Every reason a row can be dropped, as counted in the stats."""
 
-URL_PATTERN = r"^https?://([^\s/?#@]*@)?(\[[0-9A-Fa-f:.]+\]|[^\s/?#@:\[\]]+)(:[0-9]*)?([/?#]|$)"
-"""A usable URL: http or https, a non-empty host (name, IPv4 or [IPv6]), an optional numeric port."""
-
 BATCH_ROWS = 65_536
 HASH_BITS = 53
 """Selection hashes keep 53 bits so that hash / 2**53 is an exact float in [0, 1)."""
@@ -79,6 +87,7 @@ MIN_DEDUPE_HEADROOM = 1024
 
 LAION_ORDER = list(LAION_COLUMNS)
 ID, URL, TEXT = 0, 1, 2
+INT64_RANGE = (-(2**63), 2**63)
 
 
 class SelectError(ValueError):
@@ -99,6 +108,7 @@ class SelectStats:
     release: str
     duration_s: float
     passes: int = 1
+    alternate_urls: int = 0
     skipped: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -171,64 +181,62 @@ def resolve_source(manifest: Manifest, embedded_base_url: str | None) -> str:
     return source if "://" in source else str(manifest.resolve(source))
 
 
-def list_input_files(source: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """The filesystem and sorted parquet files of a path, glob, folder or fsspec URL."""
-    fs, path = fsspec.core.url_to_fs(source)
-    if any(c in path for c in "*?["):
-        files = fs.glob(path)
-    elif fs.isdir(path):
-        files = [f for f in fs.find(path) if f.endswith(".parquet")]
-    elif fs.isfile(path):
-        files = [path]
-    else:
-        raise SelectError(f"metadata source {source!r} does not exist")
-    files = sorted(files)
-    if not files:
-        raise SelectError(f"metadata source {source!r} holds no parquet files")
-    return fs, files
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """One metadata file: its name as the user knows it (with protocol) and its dataset fragment."""
-
-    name: str
-    fragment: ds.ParquetFileFragment
-
-
 def open_inputs(source: str) -> list[InputFile]:
     """Every input file, each checked for every LAION column (error names file and column)."""
-    fs, files = list_input_files(source)
-    local = isinstance(fs, LocalFileSystem)
-    dataset = ds.dataset(files, filesystem=None if local else fs, format="parquet")
-    inputs = []
-    for fragment in dataset.get_fragments():
-        name = fragment.path if local else fs.unstrip_protocol(fragment.path)
-        try:
-            names = fragment.physical_schema.names
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise SelectError(f"{name}: not a readable parquet file: {exc}") from exc
-        missing = [column for column in LAION_ORDER if column not in names]
-        if missing:
-            more = f" (also missing: {', '.join(map(repr, missing[1:]))})" if missing[1:] else ""
-            raise SelectError(f"{name}: missing required LAION column {missing[0]!r}{more}")
-        inputs.append(InputFile(name, fragment))
-    return inputs
+    try:
+        return open_parquet_inputs(source, LAION_ORDER, "LAION")
+    except SourceError as exc:
+        raise SelectError(f"metadata source {exc}") from exc
 
 
-def _read_batches(source: InputFile) -> Iterator[dict[str, pa.Array]]:
-    """Stream one file's LAION columns, each cast to its LAION type (error names file and column)."""
+def _convert(value: Any, want: pa.DataType) -> tuple[Any, bool]:
+    """One value as a Python value of Arrow type `want`: (value, True), or (None, False) when it cannot be read.
+
+    NaN in an integer column is a missing value (pandas writes missing integers as NaN floats), not a bad one.
+    """
+    if value is None:
+        return None, True
+    if isinstance(value, float) and math.isnan(value) and not pa.types.is_floating(want):
+        return None, True
+    try:
+        if pa.types.is_integer(want):
+            if isinstance(value, (bytes, str)):
+                value = value.strip()
+                value = int(value) if value.lstrip("+-").isdigit() else float(value)
+            if isinstance(value, float) and not value.is_integer():
+                return None, False
+            number = int(value)
+            return (number, True) if INT64_RANGE[0] <= number < INT64_RANGE[1] else (None, False)
+        if pa.types.is_floating(want):
+            return float(value), True
+        if isinstance(value, bytes):
+            return value.decode("utf-8"), True
+        return (value, True) if isinstance(value, str) else (str(value), True)
+    except (TypeError, ValueError, OverflowError, UnicodeDecodeError):
+        return None, False
+
+
+def cast_column(column: pa.Array, want: pa.DataType) -> tuple[pa.Array, np.ndarray]:
+    """A column cast to its LAION type and the mask of values that could not be (read as null)."""
+    try:
+        return pc.cast(column, want), np.zeros(len(column), dtype=bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    converted = [_convert(value, want) for value in column.to_pylist()]
+    return pa.array([value for value, _ in converted], want), np.array([not ok for _, ok in converted], dtype=bool)
+
+
+def _read_batches(source: InputFile) -> Iterator[tuple[dict[str, pa.Array], np.ndarray]]:
+    """Stream one file's LAION columns, each cast to its LAION type, with the mask of rows holding a bad value."""
     schema = LAION_COLUMNS.arrow_schema
     try:
         for batch in source.fragment.to_batches(columns=LAION_ORDER, batch_size=BATCH_ROWS):
-            columns = {}
+            columns, bad = {}, np.zeros(batch.num_rows, dtype=bool)
             for name in LAION_ORDER:
-                want = schema.field(name).type
-                try:
-                    columns[name] = pc.cast(batch.column(name), want)
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                    raise SelectError(f"{source.name}: column {name!r} cannot be read as {want}: {exc}") from exc
-            yield columns
+                columns[name], unreadable = cast_column(batch.column(name), schema.field(name).type)
+                bad |= unreadable
+            bad |= _true(pc.less(columns["SAMPLE_ID"], 0)) & ~_true(pc.is_null(columns["SAMPLE_ID"]))
+            yield columns, bad
     except (OSError, pa.ArrowInvalid) as exc:
         raise SelectError(f"{source.name}: cannot read: {exc}") from exc
 
@@ -238,12 +246,13 @@ def _true(mask: pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(mask, True).to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def filter_masks(columns: dict[str, pa.Array], manifest: Manifest) -> list[tuple[str, np.ndarray]]:
-    """One 'fails' mask per filter reason, in FILTER_REASONS order."""
+def filter_masks(columns: dict[str, pa.Array], bad: np.ndarray, manifest: Manifest) -> list[tuple[str, np.ndarray]]:
+    """One 'fails' mask per filter reason, in FILTER_REASONS order (`bad`: rows with an unreadable value)."""
     filters = manifest.filters
     caption = pc.utf8_trim_whitespace(columns["TEXT"])
     length = pc.utf8_length(caption)
     return [
+        ("bad_value", bad),
         ("null_sample_id", _true(pc.is_null(columns["SAMPLE_ID"]))),
         ("bad_url", _true(pc.invert(pc.match_substring_regex(columns["URL"], URL_PATTERN, ignore_case=True)))),
         ("nsfw", _true(pc.invert(pc.is_in(columns["NSFW"], pa.array(filters.nsfw, pa.string()))))),
@@ -306,11 +315,11 @@ def scan(inputs: Sequence[InputFile], manifest: Manifest, capacity: int | None, 
     total = sum(source.fragment.count_rows() for source in inputs)
     with tqdm(total=total, unit="rows", unit_scale=True, desc="select", disable=not progress) as bar:
         for source in inputs:
-            for columns in _read_batches(source):
+            for columns, bad in _read_batches(source):
                 n = len(columns["SAMPLE_ID"])
                 rows_read += n
                 keep = np.ones(n, dtype=bool)
-                for reason, fails in filter_masks(columns, manifest):
+                for reason, fails in filter_masks(columns, bad, manifest):
                     hit = keep & fails
                     dropped[reason] += int(hit.sum())
                     keep &= ~hit
@@ -320,7 +329,7 @@ def scan(inputs: Sequence[InputFile], manifest: Manifest, capacity: int | None, 
                 sampled = hashes < limit
                 dropped["not_sampled"] += int((~sampled).sum())
                 rows = pc.take(pa.table(columns), index[sampled]).to_pylist()
-                for h, row in zip(hashes[sampled].tolist(), rows):
+                for h, row in zip(hashes[sampled].tolist(), rows, strict=True):
                     values = tuple(row[name] for name in LAION_ORDER)
                     candidates.add((h << 64) | _content_digest(values), values)
                 bar.update(n)
@@ -346,17 +355,37 @@ def deduplicate(ordered: list[tuple[int, tuple]], max_records: int | None, dropp
     return kept
 
 
-def record_rows(kept: Sequence[tuple[int, tuple]], shard: int, manifest: Manifest) -> list[dict]:
+def alternate_urls(ordered: list[tuple[int, tuple]], kept: list[tuple[int, tuple]]) -> dict[int, list[str]]:
+    """Each kept SAMPLE_ID's other URLs, from its dropped rows in key order.
+
+    Never a URL that a kept record uses (it would be the same image twice), each URL given to one
+    record only, none twice, at most MAX_ALTERNATE_URLS per record.
+    """
+    primary = {row[ID]: row[URL] for _, row in kept}
+    taken = set(primary.values())
+    alternates: dict[int, list[str]] = {}
+    for _, row in ordered:
+        full = len(alternates.get(row[ID], ())) >= MAX_ALTERNATE_URLS
+        if row[ID] in primary and row[URL] not in taken and not full:
+            alternates.setdefault(row[ID], []).append(row[URL])
+            taken.add(row[URL])
+    return alternates
+
+
+def record_rows(
+    kept: Sequence[tuple[int, tuple]], shard: int, manifest: Manifest, alternates: dict[int, list[str]]
+) -> list[dict]:
     """The RECORD_FEATURES rows of one shard, from its (key, LAION values) in selection order."""
     prompts = manifest.prompts
     rows = []
     for key, values in kept:
-        laion = dict(zip(LAION_ORDER, values))
+        laion = dict(zip(LAION_ORDER, values, strict=True))
         caption = laion["TEXT"].strip()
         rows.append(
             {
                 "id": str(laion["SAMPLE_ID"]),
                 "url": laion["URL"],
+                "alternate_urls": alternates.get(laion["SAMPLE_ID"], []),
                 "original_prompt": caption,
                 "positive_prompt": prompts.positive_template.format(caption=caption),
                 "negative_prompt": prompts.negative,
@@ -407,7 +436,8 @@ def select_records(
         passes += 1
         result = scan(inputs, manifest, capacity, progress)
         dropped = Counter(result.dropped)
-        kept = deduplicate(result.candidates.in_order(), max_records, dropped)
+        ordered = result.candidates.in_order()
+        kept = deduplicate(ordered, max_records, dropped)
         if capacity is None or len(kept) == max_records or not result.candidates.discarded:
             break
         log.info(
@@ -416,12 +446,13 @@ def select_records(
         )
         capacity *= 2
     dropped["over_max_records"] += result.candidates.discarded
+    alternates = alternate_urls(ordered, kept)
     size = manifest.shard_size
     num_shards = -(-len(kept) // size)
     split_counts: Counter = Counter()
     stats_path.unlink(missing_ok=True)
     for shard in tqdm(range(num_shards), desc="write records", unit="shard", disable=not progress):
-        rows = record_rows(kept[shard * size : (shard + 1) * size], shard, manifest)
+        rows = record_rows(kept[shard * size : (shard + 1) * size], shard, manifest, alternates)
         split_counts.update(row["split"] for row in rows)
         write_shard(rows, layout.records(shard), RECORD_FEATURES)
     for stale in layout.record_shards():
@@ -438,6 +469,7 @@ def select_records(
         release=manifest.metadata.release,
         duration_s=round(time.monotonic() - started, 3),
         passes=passes,
+        alternate_urls=sum(len(urls) for urls in alternates.values()),
         extra={
             "manifest": manifest.name,
             "seed": manifest.seed,

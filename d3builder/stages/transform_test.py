@@ -25,7 +25,7 @@ from d3builder.imaging.augmentations import FAMILIES, apply_ops, draw_ops
 from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
 from d3builder.recipe.manifest import Manifest
 from d3builder.storage.card import split_shards, write_dataset_card
-from d3builder.storage.layout import DataLayout, extension, shard_number
+from d3builder.storage.layout import extension, shard_number
 from d3builder.storage.schema import (
     AUGM_SPLITS,
     SOURCE_SPLIT,
@@ -37,7 +37,6 @@ from d3builder.storage.units import claim, unit_done, write_stats
 
 logger = logging.getLogger(__name__)
 
-STAGE = "transform_test"
 JPEG_QUALITY = 95
 """Quality of the final JPEG/WebP re-encoding (the JPEG-quality family, when drawn, acts before it)."""
 SAVE_FORMATS = {
@@ -51,11 +50,6 @@ SAVE_FORMATS = {
     "WEBP": "WEBP",
 }
 """Pillow format used to re-encode each original encoding; anything else is written as PNG."""
-
-
-def stats_path(layout: DataLayout, split: str, shard: int) -> Path:
-    """The stats file of one (source split, shard) unit: stats/transform_test/{k}.json for test, .../{split}/{k}.json else."""
-    return layout.stats(STAGE, shard, None if split == SOURCE_SPLIT else split)
 
 
 def image_rng(seed: int, record: str, column: str) -> np.random.Generator:
@@ -138,7 +132,7 @@ class _Transformer:
 def transform_shard(manifest: Manifest, source: Path, row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> str:
     """Write the augmented copy of one test or fit shard; returns transformed, done or busy."""
     layout, shard, split = manifest.layout, shard_number(source), source.parent.name
-    output, stats = layout.d3(AUGM_SPLITS[split], shard), stats_path(layout, split, shard)
+    output, stats = layout.d3(AUGM_SPLITS[split], shard), layout.transform_stats(split, shard)
     if unit_done(stats, layout.root):
         return "done"
     with claim(stats) as ours:
@@ -208,7 +202,7 @@ def transform_test(manifest: Manifest, progress: bool = True) -> TransformSummar
         else:
             summary.fit_units[state] += 1
     for split, augm_split in AUGM_SPLITS.items():
-        for path in sorted(stats_path(layout, split, 0).parent.glob("[0-9]*.json")):
+        for path in sorted(layout.transform_stats(split, 0).parent.glob("[0-9]*.json")):
             stats = json.loads(path.read_text())
             summary.written += stats["written"]
             summary.per_split[augm_split] += stats["written"]

@@ -1,4 +1,9 @@
-"""`validate`: check a finished dataset folder: schemas, counts, pairing, decoding, duplicate ids and leaks."""
+"""`validate`: check a finished dataset folder: schemas, counts, pairing, decoding, duplicate ids and leaks.
+
+Given an output root (or a manifest), it also checks completeness: d3/ against records/ and the stats
+of every stage, naming each unfinished unit and each record that is neither in d3/ nor dropped for a
+recorded reason. A bare d3/ folder has no records to compare with: its output says so.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,10 @@ import pyarrow.parquet as pq
 from datasets import Features
 from tqdm import tqdm
 
+from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
 from d3builder.storage.card import card_split_counts, in_split_order
-from d3builder.storage.layout import split_prefix
+from d3builder.storage.completeness import Completeness, check_completeness, has_records
+from d3builder.storage.layout import DataLayout, split_prefix
 from d3builder.storage.schema import (
     AUGM_SPLITS,
     SOURCE_SPLIT,
@@ -79,6 +86,8 @@ class ValidationReport:
     data_dir: Path
     groups: dict[str, GroupSummary] = field(default_factory=dict)
     defects: list[Defect] = field(default_factory=list)
+    completeness: Completeness | None = None
+    """None when `data_dir` holds no records/ to compare with (a bare d3/ folder)."""
 
     @property
     def ok(self) -> bool:
@@ -97,6 +106,15 @@ class ValidationReport:
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.insert(len(lines) - 1, lines[1])
         return "\n".join(lines)
+
+    def completeness_lines(self) -> list[str]:
+        """The completeness summary, or why it was not checked."""
+        if self.completeness is not None:
+            return self.completeness.lines()
+        return [
+            f"completeness: not checked: {self.data_dir} holds no records/ to compare with (validate the output "
+            "root, or pass --manifest, to check every selected record against every stage)"
+        ]
 
 
 def expected_features(names: list[str], group: str) -> tuple[Features, str]:
@@ -303,8 +321,7 @@ def _count_defects(d3_dir: Path, checks: list[ShardCheck]) -> list[Defect]:
                 )
     root = d3_dir.parent
     covered: set[str] = set()
-    stats_folders = [root / "stats" / "assemble", root / "stats" / "transform_test"]
-    stats_folders += [root / "stats" / "transform_test" / split for split in AUGM_SPLITS if split != SOURCE_SPLIT]
+    stats_folders = [root / "stats" / "assemble", *(DataLayout(root).transform_stats(split, 0).parent for split in AUGM_SPLITS)]
     for folder in stats_folders:
         for stats_path in sorted(folder.glob("[0-9]*.json")):
             stats = json.loads(stats_path.read_text())
@@ -333,22 +350,32 @@ def _count_defects(d3_dir: Path, checks: list[ShardCheck]) -> list[Defect]:
     return defects
 
 
-def validate_dataset(data_dir: str | Path, workers: int = 1, progress: bool = True) -> ValidationReport:
-    """Validate a dataset folder (d3/, or the output root holding d3/ and optionally extended/)."""
+def validate_dataset(
+    data_dir: str | Path, workers: int = 1, progress: bool = True, generators: list[str] | None = None
+) -> ValidationReport:
+    """Validate a dataset folder (d3/, or the output root holding d3/ and optionally extended/).
+
+    An output root (with records/) is also checked for completeness; `generators`: the manifest's
+    (default: those its stats name).
+    """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: no such dataset folder")
     d3_dir, groups = find_shards(data_dir)
     report = ValidationReport(data_dir)
+    if has_records(data_dir):
+        report.completeness = check_completeness(data_dir, generators)
+    gaps = [Defect(g.file, g.message, g.record) for g in (report.completeness.gaps if report.completeness else [])]
     jobs = [(str(path), group) for group, paths in groups.items() for path in paths]
     if not jobs:
-        report.defects.append(Defect(str(d3_dir), "no Parquet shards found"))
+        report.defects += [Defect(str(d3_dir), "no Parquet shards found"), *gaps]
         return report
     checks = list(
         tqdm(_run_checks(jobs, workers), total=len(jobs), desc="validate", unit="shard", disable=not progress)
     )
     report.defects = [d for c in checks for d in c.defects]
     report.defects += _cross_shard_defects(checks) + _augm_pairing_defects(checks) + _count_defects(d3_dir, checks)
+    report.defects += gaps
     group_of = {c.path: c.group for c in checks}
     for check in checks:
         summary = report.groups.setdefault(check.group, GroupSummary())
@@ -375,12 +402,18 @@ def _closing(executor: ProcessPoolExecutor, results: Iterable[ShardCheck]) -> It
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.data is None and args.manifest is None:
+        print("d3builder validate: error: give the dataset folder (DATA) or --manifest M", file=sys.stderr)
+        return 2
+    manifest = manifest_from_args(args) if args.manifest else None
+    data = args.data if args.data is not None else manifest.output_root
     try:
-        report = validate_dataset(args.data, workers=args.workers)
+        report = validate_dataset(data, workers=args.workers, generators=manifest.generators if manifest else None)
     except FileNotFoundError as exc:
         print(f"d3builder validate: {exc}", file=sys.stderr)
         return 2
     print(report.table())
+    print("\n".join(report.completeness_lines()))
     for defect in report.defects:
         print(f"DEFECT {defect}")
     print("OK: no defect" if report.ok else f"FAILED: {len(report.defects)} defect(s)")
@@ -393,8 +426,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "validate",
         help="check a finished dataset folder (schemas, counts, pairing, decoding, duplicate ids, leaks)",
         description="Check every shard of a dataset folder (d3/, or the output root holding d3/ and extended/); "
-        "prints a summary table and each defect (file, record, column); exits 1 on any defect.",
+        "on an output root (or --manifest) also check completeness: d3/ against records/ and every stage's "
+        "stats, naming each unfinished unit and unaccounted record. Prints a summary table and each defect "
+        "(file, record, column); exits 1 on any defect.",
     )
-    parser.add_argument("data", help="the d3/ folder, or the output root that holds it")
+    parser.add_argument("data", nargs="?", help="the output root (complete check), or a d3/ folder alone")
+    add_manifest_args(parser, required=False)
     parser.add_argument("--workers", type=int, default=1, help="processes checking shards in parallel")
     parser.set_defaults(func=_run)

@@ -6,6 +6,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from d3builder.storage.schema import SOURCE_SPLIT
+
+TRANSFORM_STAGE = "transform_test"
+"""The stats folder of `transform-test`."""
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -75,6 +79,10 @@ class DataLayout:
         if unit is not None:
             folder = folder / safe_name(unit, "unit")
         return folder / f"{shard_name(shard)}.json"
+
+    def transform_stats(self, split: str, shard: int) -> Path:
+        """The stats of transform-test's unit (source split, shard): stats/transform_test/{k}.json for test, .../{split}/{k}.json else."""
+        return self.stats(TRANSFORM_STAGE, shard, None if split == SOURCE_SPLIT else split)
 
     def record_shards(self) -> list[int]:
         """Shard numbers written by `select`, in order."""

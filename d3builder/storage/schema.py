@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datasets import Features, Image, Value
+from datasets import Features, Image, List, Value
 
 SPLITS = ("train", "fit", "validation", "test")
 """The record splits of D3, in the order of their hash intervals in `select`.
@@ -30,10 +30,14 @@ LAION_COLUMNS = Features(
 )
 """The LAION-400M metadata columns that `select` reads and keeps."""
 
+MAX_ALTERNATE_URLS = 4
+"""At most this many alternate URLs per record (each costs `fetch-real` one more pass over its failures)."""
+
 RECORD_FEATURES = Features(
     {
         "id": STRING,
         "url": STRING,
+        "alternate_urls": List(STRING),
         "original_prompt": STRING,
         "positive_prompt": STRING,
         "negative_prompt": STRING,
@@ -43,7 +47,7 @@ RECORD_FEATURES = Features(
         **LAION_COLUMNS,
     }
 )
-"""`records/{k}.parquet`: one selected LAION sample per row."""
+"""`records/{k}.parquet`: one selected LAION sample per row; `alternate_urls`: its duplicates' other URLs, tried in order."""
 
 REAL_FEATURES = Features(
     {
@@ -57,9 +61,14 @@ REAL_FEATURES = Features(
         "encoding": STRING,
         "sha256": STRING,
         "num_bytes": INT,
+        "url_index": INT,
+        "served_url": STRING,
     }
 )
-"""`real/{k}.parquet`: the real image as the server sent it (exact bytes), or why it failed."""
+"""`real/{k}.parquet`: the real image as the server sent it (exact bytes), or why it failed.
+
+`served_url` is the URL that served it, `url_index` its place in [url, *alternate_urls] (0: the record's own URL).
+"""
 
 GEN_FEATURES = Features(
     {

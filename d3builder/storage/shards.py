@@ -97,11 +97,6 @@ def read_features(path: str | Path) -> Features | None:
     return Features.from_dict(features) if features else None
 
 
-def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read a whole shard (or some of its columns)."""
-    return pq.read_table(path, columns=list(columns) if columns else None)
-
-
 def iter_rows(
     path: str | Path, columns: Sequence[str] | None = None, batch_size: int = DEFAULT_ROW_GROUP_SIZE
 ) -> Iterator[dict]:
