@@ -33,7 +33,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         make_d3_shards(root / "d3", n, split, seed=seed)
     save_weights(create_embedder("test_vit"), root / "run" / "model.safetensors")
     (root / "run" / "config.yaml").write_text(f"data: {root / 'd3'}\nmodel: test_vit\nmax_steps: 60\nlocal_size: 96\n")
-    evaluate(EvalConfig(run=str(root / "run"), data=str(root / "d3"), robustness_levels={"jpeg": [50]}, progress=False))
+    evaluate(EvalConfig(run=str(root / "run"), data=str(root / "d3"), robustness_levels={"jpeg": [50]}, progress=False, fit_split="validation"))
     return root / "run"
 
 

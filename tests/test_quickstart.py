@@ -36,9 +36,9 @@ def test_quickstart_end_to_end_and_rerun(tmp_path: Path, capsys: pytest.CaptureF
         assert rows(root / stage) == rows(root / "records"), stage
 
     d3 = root / "d3"
-    counts = {split: rows(d3 / split) for split in ("train", "validation", "test", "test_augm")}
-    assert all(counts.values()) and counts["test_augm"] == counts["test"]
-    assert sum(counts[s] for s in ("train", "validation", "test")) <= rows(root / "records")
+    counts = {split: rows(d3 / split) for split in ("train", "fit", "validation", "test", "test_augm", "fit_augm")}
+    assert all(counts.values()) and counts["test_augm"] == counts["test"] and counts["fit_augm"] == counts["fit"]
+    assert sum(counts[s] for s in ("train", "fit", "validation", "test")) <= rows(root / "records")
     dataset = load_dataset(str(d3), split="train")
     assert isinstance(dataset[0]["image_real"], Image.Image)
     assert [dataset[0][f"generator_gen{i}"] for i in range(4)] == GENERATORS
@@ -49,6 +49,7 @@ def test_quickstart_end_to_end_and_rerun(tmp_path: Path, capsys: pytest.CaptureF
     eval_dir = run / "eval"
     report = (eval_dir / "report.md").read_text()
     assert report.strip() in out, "the report is printed at the end"
+    assert "Fit split: `fit_augm`, the held-out, transformed fit subset, as in the paper." in report
     for split in ("test", "test_augm", "extended"):
         for plot in ("acc", "roc", "map"):
             assert Image.open(eval_dir / f"{plot}_{split}.png").size[0] > 100

@@ -111,7 +111,7 @@ def test_release_baseline_joins_our_tables_with_all_three_classifiers(release: d
     make_d3_shards(d3, 6, "test", seed=2)
     save_weights(create_embedder("test_vit"), tmp_path / "run" / "model.safetensors")
     out = tmp_path / "eval"
-    result = evaluate(EvalConfig(run=str(tmp_path / "run"), data=str(d3), eval_dir=str(out), robustness=False,
+    result = evaluate(EvalConfig(run=str(tmp_path / "run"), data=str(d3), eval_dir=str(out), robustness=False, fit_split="validation",
                                  baselines=[f"code-release:{release['folder']}"], progress=False))
     classifiers = ["linear", "knn", "ocsvm"]
     assert [(r["detector"], r["classifier"]) for r in result.results] == [("CoDE", c) for c in classifiers] + [
@@ -133,7 +133,7 @@ def test_a_bad_release_path_is_one_line_and_exit_2(release: dict, tmp_path: Path
     make_d3_shards(tmp_path / "d3", 2, "test", seed=2)
     save_weights(create_embedder("test_vit"), tmp_path / "run" / "model.safetensors")
     missing = tmp_path / "no" / "such" / "CoDE"
-    args = ["evaluate", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "d3"), "--no-robustness"]
+    args = ["evaluate", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "d3"), "--no-robustness", "--fit-split", "validation"]
     assert main([*args, "--baseline", f"code-release:{missing}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("codetrain evaluate: error: --baseline") and str(missing) in err and "\n" not in err

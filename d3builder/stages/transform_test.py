@@ -1,4 +1,8 @@
-"""`transform-test`: the test split "with transformations", every image passed through seeded CoDE augmentations."""
+"""`transform-test`: the test and fit splits "with transformations", every image passed through seeded CoDE augmentations.
+
+`d3/test/` becomes `d3/test_augm/` and `d3/fit/` (the held-out subset the classifiers are fitted
+on) becomes `d3/fit_augm/`, with the same seed, draw and recorded ops per image.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from d3builder.recipe.manifest import Manifest
 from d3builder.storage.card import split_shards, write_dataset_card
 from d3builder.storage.layout import extension, shard_number
 from d3builder.storage.schema import (
-    AUGM_SPLIT,
+    AUGM_SPLITS,
     SOURCE_SPLIT,
     augm_features,
     generator_slots,
@@ -33,7 +37,6 @@ from d3builder.storage.units import claim, unit_done, write_stats
 
 logger = logging.getLogger(__name__)
 
-STAGE = "transform_test"
 JPEG_QUALITY = 95
 """Quality of the final JPEG/WebP re-encoding (the JPEG-quality family, when drawn, acts before it)."""
 SAVE_FORMATS = {
@@ -83,7 +86,11 @@ class TransformSummary:
     transformed: list[int] = field(default_factory=list)
     already_done: list[int] = field(default_factory=list)
     busy: list[int] = field(default_factory=list)
+    fit_units: Counter = field(default_factory=Counter)
+    """Shards of the fit split by outcome (transformed, done, busy); the three lists above are test shards."""
     written: int = 0
+    per_split: Counter = field(default_factory=Counter)
+    """Records written per transformed split (test_augm, fit_augm)."""
     dropped: Counter = field(default_factory=Counter)
     card: Path | None = None
 
@@ -91,8 +98,8 @@ class TransformSummary:
 class _Transformer:
     """Augments every image of a row, recording the ops."""
 
-    def __init__(self, seed: int, max_ops: int, slots: list[int]) -> None:
-        self.seed, self.max_ops = seed, max_ops
+    def __init__(self, seed: int, max_ops: int, slots: list[int], split: str) -> None:
+        self.seed, self.max_ops, self.split = seed, max_ops, split
         self.columns = [("real", "image_real", "encoding_real")] + [
             (f"gen{s}", f"image_gen{s}", f"encoding_gen{s}") for s in slots
         ]
@@ -100,7 +107,7 @@ class _Transformer:
 
     def row(self, row: dict) -> dict:
         """The augmented row (raises UndecodableImage naming the column whose image does not decode)."""
-        out = dict(row, split=AUGM_SPLIT)
+        out = dict(row, split=self.split)
         for suffix, image_column, encoding_column in self.columns:
             try:
                 image = decode_image(row[image_column])
@@ -123,9 +130,9 @@ class _Transformer:
 
 
 def transform_shard(manifest: Manifest, source: Path, row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> str:
-    """Write the augmented copy of one test shard; returns transformed, done or busy."""
-    layout, shard = manifest.layout, shard_number(source)
-    output, stats = layout.d3(AUGM_SPLIT, shard), layout.stats(STAGE, shard)
+    """Write the augmented copy of one test or fit shard; returns transformed, done or busy."""
+    layout, shard, split = manifest.layout, shard_number(source), source.parent.name
+    output, stats = layout.d3(AUGM_SPLITS[split], shard), layout.transform_stats(split, shard)
     if unit_done(stats, layout.root):
         return "done"
     with claim(stats) as ours:
@@ -140,7 +147,8 @@ def _transform_claimed(
 ) -> None:
     started, config = time.time(), manifest.transform_test
     slots = generator_slots(pq.read_schema(source).names)
-    transformer = _Transformer(config.seed, config.max_ops, slots)
+    augm_split = AUGM_SPLITS[source.parent.name]
+    transformer = _Transformer(config.seed, config.max_ops, slots, augm_split)
     stream = ShardStream(output, augm_features(len(slots)), row_group_size)
     records, dropped = 0, Counter()
     try:
@@ -151,7 +159,7 @@ def _transform_claimed(
                     stream.write(transformer.row(row))
                 except UndecodableImage as exc:
                     dropped[f"decode_failed:{exc.column}"] += 1
-                    logger.error("%s: record %r left out of %s: %s", source, row["id"], AUGM_SPLIT, exc)
+                    logger.error("%s: record %r left out of %s: %s", source, row["id"], augm_split, exc)
         written = stream.commit()
     except BaseException:
         stream.abort()
@@ -166,7 +174,7 @@ def _transform_claimed(
             "records": records,
             "written": stream.rows,
             "dropped_by_reason": dict(sorted(dropped.items())),
-            "outputs": {} if written is None else {AUGM_SPLIT: str(written.relative_to(manifest.layout.root))},
+            "outputs": {} if written is None else {augm_split: str(written.relative_to(manifest.layout.root))},
             "seed": config.seed,
             "max_ops": config.max_ops,
             "jpeg_quality": JPEG_QUALITY,
@@ -178,43 +186,52 @@ def _transform_claimed(
 
 
 def transform_test(manifest: Manifest, progress: bool = True) -> TransformSummary:
-    """Build d3/test_augm/ from every d3/test/ shard not yet done, then rewrite the dataset card."""
-    d3_dir = manifest.layout.d3_dir()
-    sources = split_shards(d3_dir).get(SOURCE_SPLIT, []) if d3_dir.is_dir() else []
-    if not sources:
-        logger.error("no test shards under %s: run `assemble` first", d3_dir / SOURCE_SPLIT)
+    """Build d3/test_augm/ and d3/fit_augm/ from every d3/test/ and d3/fit/ shard not yet done, then rewrite the card."""
+    layout = manifest.layout
+    found = split_shards(layout.d3_dir()) if layout.d3_dir().is_dir() else {}
+    if not found.get(SOURCE_SPLIT):
+        logger.error("no test shards under %s: run `assemble` first", layout.d3_dir() / SOURCE_SPLIT)
+    sources = [path for split in AUGM_SPLITS for path in found.get(split, [])]
     summary = TransformSummary()
     for source in tqdm(sources, desc="transform-test", unit="shard", disable=not progress):
         state = transform_shard(manifest, source)
-        {"transformed": summary.transformed, "done": summary.already_done, "busy": summary.busy}[state].append(
-            shard_number(source)
-        )
-    for stats_path in sorted((manifest.layout.root / "stats" / STAGE).glob("[0-9]*.json")):
-        stats = json.loads(stats_path.read_text())
-        summary.written += stats["written"]
-        summary.dropped.update(stats["dropped_by_reason"])
+        if source.parent.name == SOURCE_SPLIT:
+            {"transformed": summary.transformed, "done": summary.already_done, "busy": summary.busy}[state].append(
+                shard_number(source)
+            )
+        else:
+            summary.fit_units[state] += 1
+    for split, augm_split in AUGM_SPLITS.items():
+        for path in sorted(layout.transform_stats(split, 0).parent.glob("[0-9]*.json")):
+            stats = json.loads(path.read_text())
+            summary.written += stats["written"]
+            summary.per_split[augm_split] += stats["written"]
+            summary.dropped.update(stats["dropped_by_reason"])
     if sources:
-        summary.card = write_dataset_card(manifest, d3_dir)
+        summary.card = write_dataset_card(manifest, layout.d3_dir())
     return summary
 
 
 def _run(args: argparse.Namespace) -> int:
     summary = transform_test(manifest_from_args(args))
     print(f"transformed {len(summary.transformed)} test shard(s), {len(summary.already_done)} already done")
-    print(f"{AUGM_SPLIT}: {summary.written} records")
+    if summary.fit_units:
+        print(f"transformed {summary.fit_units['transformed']} fit shard(s), {summary.fit_units['done']} already done")
+    for split, count in summary.per_split.items():
+        print(f"{split}: {count} records")
     for reason, count in sorted(summary.dropped.items()):
         print(f"  left out ({reason}): {count}")
-    if summary.busy:
-        print(f"shards being transformed by another process: {summary.busy}")
-    return 0 if summary.card is not None and not summary.busy else 1
+    if summary.busy or summary.fit_units["busy"]:
+        print(f"shards being transformed by another process: test {summary.busy}, fit {summary.fit_units['busy']}")
+    return 0 if summary.card is not None and not summary.busy and not summary.fit_units["busy"] else 1
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `d3builder transform-test`."""
     parser = subparsers.add_parser(
         "transform-test",
-        help="build the test split with transformations (d3/test_augm/)",
-        description="Pass every image of d3/test/ through a seeded random draw of the CoDE augmentations, "
+        help="build the test and fit splits with transformations (d3/test_augm/, d3/fit_augm/)",
+        description="Pass every image of d3/test/ and d3/fit/ through a seeded random draw of the CoDE augmentations, "
         "re-encode it in its original encoding and record the ops (augm_real, augm_gen{i}). Resumable.",
     )
     add_manifest_args(parser)

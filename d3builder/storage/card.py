@@ -18,7 +18,7 @@ from d3builder.recipe.manifest import Manifest
 from d3builder.storage.layout import shard_number
 from d3builder.storage.shards import atomic_write_bytes, read_features
 
-SPLIT_ORDER = ("train", "validation", "test", "test_augm")
+SPLIT_ORDER = ("train", "validation", "test", "test_augm", "fit", "fit_augm")
 SOFTWARE = ("d3code", "torch", "diffusers", "transformers", "datasets", "pyarrow", "pillow")
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
 
@@ -34,7 +34,7 @@ def split_shards(d3_dir: Path) -> dict[str, list[Path]]:
 
 
 def in_split_order(groups: dict[str, Any]) -> dict[str, Any]:
-    """`groups` keyed by split, reordered train, validation, test, test_augm, then the rest by name."""
+    """`groups` keyed by split, reordered train, validation, test, test_augm, fit, fit_augm, then the rest by name."""
     order = {name: i for i, name in enumerate(SPLIT_ORDER)}
     return dict(sorted(groups.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
 
@@ -173,8 +173,8 @@ def dataset_sections(
     ]
     if augm:
         sections += [
-            "## Test with transformations (`test_augm`)",
-            "The `test` records, each image (real and every fake) passed through 0 to "
+            "## Test and fit with transformations (`test_augm`, `fit_augm`)",
+            "The `test` records (and the `fit` records: the held-out subset the classifiers are fitted on), each image (real and every fake) passed through 0 to "
             f"{augm.get('max_ops')} CoDE augmentation families ({', '.join(augm.get('families', []))}), "
             "the count drawn uniformly and each level from a 5-step grid, by a generator "
             f"seeded by (seed {augm.get('seed')}, record id, column). Each image is re-encoded in its original "
