@@ -87,7 +87,7 @@ class Unscored:
         return f"{self.reason.value}: {self.detail}" if self.detail else self.reason.value
 
 
-class Detector(NamedTuple):
+class LoadedDetector(NamedTuple):
     """An embedder and one fitted classifier."""
 
     embedder: CoDEEmbedder
@@ -169,7 +169,7 @@ def _scan(folder: Path, extensions: frozenset[str], unscored: list[Unscored]) ->
                 yield path
 
 
-def load_detector(source: str | Path, classifier: str = "linear", storage_options: Mapping[str, Any] | None = None) -> Detector:
+def load_detector(source: str | Path, classifier: str = "linear", storage_options: Mapping[str, Any] | None = None) -> LoadedDetector:
     """The embedder and one fitted classifier of a run (RUN/eval/classifiers) or a bundle (BUNDLE/classifiers).
 
     `source` may be a local folder or an fsspec URL.
@@ -180,7 +180,7 @@ def load_detector(source: str | Path, classifier: str = "linear", storage_option
     for folder in (CLASSIFIERS_DIR, run_classifiers):
         if root.exists(folder):
             fitted = load_fitted_classifiers(root.child(folder), [classifier], model_fingerprint(model))
-            return Detector(model, fitted[classifier])
+            return LoadedDetector(model, fitted[classifier])
     raise MissingInputError(
         f"no fitted classifiers in {root.location_text(run_classifiers)} or {root.location_text(CLASSIFIERS_DIR)}: "
         f"run `codetrain evaluate --run {root.url} --data D3DIR` first (or use an exported bundle)"

@@ -5,7 +5,7 @@
 cache: weights, config and classifiers only). Images are PIL images or paths, any size
 and any format Pillow reads, with the embedder's own preprocessing, as in evaluation and
 `codetrain detect` (see `codetrain.preprocessing`), embedded in batches and scored by one
-fitted classifier. (`codetrain.detect.Detector` is the plain (embedder, classifier) pair this
+fitted classifier. (`codetrain.detect.LoadedDetector` is the plain (embedder, classifier) pair this
 class wraps.)
 """
 
