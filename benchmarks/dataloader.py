@@ -2,9 +2,10 @@
 
 Run: python benchmarks/dataloader.py [--records 400] [--batch-size 32] [--workers 0 2] [--data DIR]
 
-The naive baseline decodes all five images of a record fully, augments the full-size image
-and crops with torchvision's RandomResizedCrop on the full image (no draft mode, no
-crop-before-resize): the authors' style of loader. Besides records/s (wall clock, which
+The naive baseline decodes all five images of a record (ours decodes the real and the one
+fake drawn), augments the full-size image and crops with torchvision's RandomResizedCrop on
+the full image (no crop-before-resize, PIL resizes): the authors' style of loader. Both
+decode every image at full size, as evaluation does. Besides records/s (wall clock, which
 other processes on the machine disturb) it prints the CPU time per record of all processes.
 """
 

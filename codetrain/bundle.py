@@ -1,10 +1,13 @@
 """Export a run for deployment: the embedder as ONNX (checked against onnxruntime) and a self-contained bundle.
 
-A bundle folder (names in `codetrain.runlayout.BundleFiles`) holds model.safetensors,
-model.onnx, classifiers/ (skops files and classifiers.json), config.json (embedder config,
-classifier thresholds, the preprocessing detection applies, ONNX input/output names, file
-hashes) and, when the run has one, the training config as train_config.yaml.
-`codetrain detect --bundle BUNDLE` loads it. The run and the bundle may be fsspec URLs.
+A bundle folder (names in `codetrain.runlayout.BundleFiles`) holds model.safetensors (timm
+key names), model.onnx, classifiers/ (skops files and classifiers.json), config.json (timm's
+hub config -- architecture, num_classes 0, model_args, pretrained_cfg with input size, crop and
+mean/std -- plus the embedder config, classifier thresholds, the preprocessing detection
+applies, ONNX input/output names and file hashes) and, when the run has one, the training
+config as train_config.yaml. `codetrain detect --bundle BUNDLE` loads it; timm alone loads its
+backbone (`timm.create_model("local-dir:BUNDLE", pretrained=True)`, or "hf-hub:user/name" once
+pushed). The run and the bundle may be fsspec URLs.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import torch
 from codetrain.embed import model_fingerprint
 from codetrain.errors import OutputExistsError, reports_user_errors
 from codetrain.evaluate import load_fitted_classifiers, read_classifier_manifest
-from codetrain.model import CoDEEmbedder, load_embedder
+from codetrain.model import CoDEEmbedder, load_embedder, weights_bytes
 from codetrain.runlayout import BundleFiles, ClassifierFiles, RunLayout
 from codetrain.storage import Location, Store
+from codetrain.timmconfig import timm_config
 from d3builder.storage.layout import safe_name
 from d3builder.storage.shards import atomic_write_bytes, atomic_write_json
 
@@ -114,7 +118,7 @@ def make_bundle(
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{Path(out.root).name}.tmp-", dir=parent))
     try:
-        atomic_write_bytes(tmp / BundleFiles.MODEL, Store.open(_weights(run_dir)).read_bytes(""))
+        atomic_write_bytes(tmp / BundleFiles.MODEL, weights_bytes(model))  # timm key names, whatever the run's file has
         atomic_write_bytes(tmp / BundleFiles.ONNX, to_onnx_bytes(model, opset))
         diff = check_onnx(model, tmp / BundleFiles.ONNX)
         names = [ClassifierFiles.MANIFEST, *(safe_name(c["file"], "classifier file") for c in manifest["classifiers"].values())]
@@ -123,7 +127,8 @@ def make_bundle(
         if run.exists(RunLayout.CONFIG):
             atomic_write_bytes(tmp / BundleFiles.TRAIN_CONFIG, run.read_bytes(RunLayout.CONFIG))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        atomic_write_json(tmp / BundleFiles.CONFIG, _config(model, fingerprint, manifest, diff, opset, files, tmp))
+        config = {**timm_config(model), **_config(model, fingerprint, manifest, diff, opset, files, tmp)}
+        atomic_write_json(tmp / BundleFiles.CONFIG, config)
         if out.exists():
             out.remove("", recursive=True)
         if out.is_local:

@@ -13,10 +13,11 @@ COMMAND_MODULES: list[str] = [
     "codetrain.evaluate",
     "codetrain.detect",
     "codetrain.bundle",
+    "codetrain.publish",
 ]
 """Modules that each define `add_parser(subparsers)`; their order is the order in `--help`."""
 
-DESCRIPTION = "Train and evaluate the CoDE detector on D3 shards: train, evaluate, detect, export."
+DESCRIPTION = "Train and evaluate the CoDE detector on D3 shards: train, evaluate, detect, export, publish."
 
 
 def build_parser() -> argparse.ArgumentParser:

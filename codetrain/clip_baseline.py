@@ -28,6 +28,9 @@ class ClipEmbedder(nn.Module):
     preprocessing = PAPER
     """The input it takes (as the CoDE embedder's); CLIP's own normalisation and size are applied inside."""
 
+    baseline_classifiers = ("linear",)
+    """A CLIP baseline is a linear probe, as in the paper (other baselines get every classifier)."""
+
     def __init__(self, visual: nn.Module, model_name: str, mean: tuple[float, ...], std: tuple[float, ...], image_size: int) -> None:
         """Wrap `visual` (an open_clip image tower) with CLIP's normalisation and input size."""
         super().__init__()

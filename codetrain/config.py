@@ -25,12 +25,16 @@ from codetrain.robustness import DEFAULT_LEVELS, validate_levels
 from codetrain.storage import read_url
 from d3builder.core.yamlconfig import ConfigError, from_mapping, parse_yaml
 from d3builder.storage.layout import safe_name
+from d3builder.storage.schema import FIT_AUGM_SPLIT
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """`auto` = fp16 autocast on a GPU (the paper), bf16 on a CPU with native bf16, else fp32."""
 
 SECRET_FIELDS = ("storage_options",)
 """Fields left out of every file written from a config (they may hold credentials)."""
+
+REAL_SOURCE_HELP = ("real images for shards without image_real (the published ELSA_D3 layout): "
+                    "fetch-real's real/ shard folder or a folder of {id}.<ext> files")
 
 C = TypeVar("C")
 
@@ -47,11 +51,11 @@ def knob(default: Any, help_text: str, flag: str | None = None) -> Any:
 class TrainConfig:
     """Settings of one CoDE training run (defaults = the paper's, with 96 px local crops)."""
 
-    data: str = knob("", "D3 shard root ({data}/{split}/{split}-*.parquet): a local folder or an fsspec URL")
+    data: str = knob("", "training data: a dataset folder (splits from its card's configs, else {split}/*.parquet), "
+                         "a file or glob, an fsspec URL, or a hub dataset repo id (elsaEU/ELSA_D3)")
     run: str = knob("", "run folder written by training (model, config, metrics, checkpoints): a local folder or "
                         "an fsspec URL (s3://, memory://, file://)")
-    real_source: str | None = knob(None, "real images for the published ELSA_D3 layout (no image_real): "
-                                         "a real/ shard folder or an image folder")
+    real_source: str | None = knob(None, REAL_SOURCE_HELP)
     train_split: str = knob("train", "split trained on")
     val_split: str | None = knob("validation", "split embedded for the linear probe each epoch; none disables it")
     model: str = knob("vit_tiny_patch16_224", "timm model name (trained from scratch)")
@@ -71,7 +75,8 @@ class TrainConfig:
     weight_decay: float = knob(2e-5, "AdamW weight decay")
     warmup_epochs: float = knob(5.0, "linear warm-up length in epochs (converted to steps)")
     min_lr: float = knob(0.0, "learning rate at the end of the cosine schedule")
-    grad_clip: float | None = knob(1.0, "maximum global gradient norm (none: no clipping)")
+    grad_clip: float | None = knob(None, "maximum global gradient norm; none (the paper) clips nothing, "
+                                         "a number is a departure from the paper")
     precision: str = knob("auto", "auto, fp32, bf16 or fp16 autocast; auto = fp16 on a GPU, "
                                   "bf16 on a CPU with native bf16, else fp32")
     seed: int = knob(42, "seed of the model init, data order, views and derangements")
@@ -127,21 +132,28 @@ class EvalConfig:
     """Settings of one evaluation: the run, the data, the classifiers, the robustness sweep, the outputs."""
 
     run: str = knob("", "run folder holding model.safetensors: a local folder or an fsspec URL")
-    data: str = knob("", "D3 shard root (DATA/{split}/{split}-*.parquet): a local folder or an fsspec URL")
+    data: str = knob("", "dataset folder, file or glob, fsspec URL or hub dataset repo id (elsaEU/ELSA_D3): "
+                         "splits from its card's configs, else {split}/*.parquet")
+    test_data: str | None = knob(None, "take the test splits from this source instead (e.g. the published test "
+                                       "folders {no_augm,augm}/{real,gen_0..gen_3}/)")
     eval_dir: str | None = knob(None, "evaluation folder written: report, tables, plots, classifiers/, cache/ "
                                       "(default RUN/eval)")
     extended: str | None = knob(None, "extended test set root (extended/{generator}/test-*.parquet)")
-    fit_split: str = knob("validation", "split the classifiers are fitted on")
-    test_splits: list[str] = knob(["test", "test_augm"], "splits scored (missing ones are skipped)")
+    fit_split: str = knob(FIT_AUGM_SPLIT, "split the classifiers are fitted on: fit_augm is the paper's held-out, "
+                                          "transformed subset; validation (the clean validation split) departs from it")
+    test_splits: list[str] | None = knob(None, "splits scored; none: test and test_augm (a missing one is skipped), "
+                                               "else the published no_augm and augm")
     classifiers: list[str] = knob(["linear", "knn", "ocsvm"], "classifiers fitted: linear, knn, ocsvm")
     robustness: bool = knob(True, "sweep JPEG/downscale/blur/crop on the robustness split")
     robustness_split: str = knob("test", "split of the robustness sweep")
     robustness_levels: dict[str, list[float]] = knob(
         {family: list(levels) for family, levels in DEFAULT_LEVELS.items()},
         "levels per family: JPEG quality, downscale factor, blur sigma (px), kept crop fraction")
-    baselines: list[str] = knob([], "CLIP linear-probe baselines: clip:MODEL[:WEIGHTS] (open_clip name or config "
-                                    ".json, local weights)", flag="baseline")
-    real_source: str | None = knob(None, "real images for ELSA_D3-layout shards (real/ shards or an image folder)")
+    baselines: list[str] = knob([], "baselines in the same tables: clip:MODEL[:WEIGHTS] (a CLIP linear probe; open_clip "
+                                    "name or config .json, local weights) or code-release:PATH_OR_REPO (the authors' "
+                                    "released backbone, its pickled classifiers never read, all classifiers refitted)",
+                                flag="baseline")
+    real_source: str | None = knob(None, REAL_SOURCE_HELP)
     batch_size: int = knob(32, "images per forward pass")
     device: str | None = knob(None, "torch device (default cuda when available)")
     tsne: bool = knob(False, "also draw t-SNE maps (slow)")
@@ -156,9 +168,9 @@ class EvalConfig:
         unknown = [c for c in self.classifiers if c not in CLASSIFIERS]
         if unknown or not self.classifiers:
             raise ValueError(f"classifiers must be some of {sorted(CLASSIFIERS)}, got {self.classifiers}")
-        if not self.test_splits:
-            raise ValueError("test_splits must name at least one split")
-        for split in (self.fit_split, self.robustness_split, *self.test_splits):
+        if self.test_splits is not None and not self.test_splits:
+            raise ValueError("test_splits must name at least one split (or be none for the defaults)")
+        for split in (self.fit_split, self.robustness_split, *(self.test_splits or ())):
             safe_name(split, "split")
         validate_levels(self.robustness_levels)
 

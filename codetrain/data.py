@@ -21,48 +21,36 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
+from codetrain.errors import InvalidInputError
 from codetrain.realsource import (
     RealImageSource,
-    full_name,
     is_local,
-    join_url,
+    is_shard,
     open_parquet,
+    require_real_images,
 )
+from codetrain.sources import open_source
 from codetrain.views import IMAGENET_MEAN, IMAGENET_STD, Stats, ViewMaker, normalise
-from d3builder.storage.layout import safe_name
 from d3builder.storage.schema import generator_slots
 
-__all__ = ["D3Records", "RealImageSource", "collate", "list_shards", "record_rng"]
+__all__ = ["D3Records", "RealImageSource", "check_shards", "collate", "list_shards", "record_rng"]
 
 log = logging.getLogger(__name__)
 
-SHARD_PATTERNS = ("{split}/*.parquet", "{split}-*.parquet", "data/{split}-*.parquet", "data/{split}/*.parquet")
-"""Where a split's shards may lie under a data root: ours first, then the Hub's layouts."""
 _PLAN, _ORDER = 0x504C414E, 0x4F524452  # tags keeping the plan and order RNG streams apart
 
 
 def list_shards(data: str | Sequence[str], split: str) -> list[str]:
-    """The sorted shard files of `split` under a local folder or fsspec URL (or an explicit glob/list of them)."""
+    """The sorted files of `split` in a data source (`codetrain.sources`: card, layout, file or glob), or a given list."""
     if not isinstance(data, str):
         return sorted(str(d) for d in data)
-    if data.endswith(".parquet") and not any(c in data for c in "*?["):
-        return [data]
-    fs, root = fsspec.core.url_to_fs(data)
-    if any(c in data for c in "*?["):
-        return sorted(full_name(fs, p) for p in fs.glob(root))
-    safe_name(split, "split")
-    for pattern in SHARD_PATTERNS:
-        found = fs.glob(join_url(root, pattern.format(split=split)))
-        if found:
-            return sorted(full_name(fs, p) for p in found)
-    return []
+    return open_source(data).shards(split)
 
 
 def record_rng(seed: int, epoch: int, record_id: str) -> np.random.Generator:
@@ -104,18 +92,36 @@ class ShardInfo:
 
 
 def read_shard_info(url: str) -> ShardInfo:
-    """Read one shard's footer (a clear error naming the shard if it is not a usable D3 shard)."""
+    """Read one shard's footer (InvalidInputError naming the shard if it is not a usable D3 shard)."""
     try:
         meta = open_parquet(url).metadata
     except Exception as exc:  # any reader error is reported with the shard's name
-        raise ValueError(f"cannot read the Parquet footer of {url}: {exc}") from exc
+        raise InvalidInputError(f"cannot read the Parquet footer of {url}: {exc}") from exc
     names = meta.schema.to_arrow_schema().names
     slots = tuple(generator_slots(names))
     if "id" not in names or not slots:
-        raise ValueError(f"{url} is not a D3 shard: it needs an `id` column and `image_gen{{i}}` columns")
+        raise InvalidInputError(f"{url} is not a D3 shard: it needs an `id` column and `image_gen{{i}}` columns")
     groups = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
     has_generator = all(f"generator_gen{s}" in names for s in slots)
     return ShardInfo(url, groups, slots, "image_real" in names, has_generator)
+
+
+def read_shard_infos(shards: Sequence[str]) -> list[ShardInfo]:
+    """The footers of several shards (remote ones read in parallel), in order."""
+    if all(is_local(s) for s in shards):
+        return [read_shard_info(s) for s in shards]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(read_shard_info, shards))
+
+
+def check_shards(files: Sequence[str], real_source: RealImageSource | None, data: str) -> None:
+    """Check a command's input files before any work: every shard's footer readable (image files aside), reals available.
+
+    InvalidInputError names the first unusable shard; shards without `image_real` need a
+    `real_source` holding reals of theirs (`require_real_images`).
+    """
+    infos = read_shard_infos([f for f in files if is_shard(f)])
+    require_real_images([i.url for i in infos if not i.has_real], real_source, data)
 
 
 @dataclass(frozen=True)
@@ -176,17 +182,11 @@ class D3Records(IterableDataset):
         self.real_source = real_source
         self.batch_size = batch_size
         self.epoch, self.position, self.skipped = 0, 0, 0
-        self.infos = self._read_infos()
+        self.infos = read_shard_infos(self.shards)
         missing = [i.url for i in self.infos if not i.has_real]
         if missing and real_source is None:
             raise ValueError(f"{missing[0]} (and {len(missing) - 1} more) has no image_real column: pass a real_source")
         self.total = sum(sum(i.row_groups) for i in self.infos)
-
-    def _read_infos(self) -> list[ShardInfo]:
-        if all(is_local(s) for s in self.shards):
-            return [read_shard_info(s) for s in self.shards]
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            return list(pool.map(read_shard_info, self.shards))
 
     # --- position ------------------------------------------------------------------------------
 
@@ -300,7 +300,7 @@ class D3Records(IterableDataset):
                 if a < b:
                     positions = needed[a:b].tolist()
                     rows = [p - piece.start + piece.lo for p in positions]
-                    held.update(zip(positions, self._load(files, piece, rows)))
+                    held.update(zip(positions, self._load(files, piece, rows), strict=True))
             yield held.pop(position)
 
     def _load(self, files: dict[int, pq.ParquetFile], piece: Piece, rows: list[int]) -> list[Loaded]:

@@ -1,10 +1,11 @@
 """Detect generated images among user files with a trained run (or an exported bundle).
 
-Preprocessing (identical to `codetrain evaluate` and to training's clean views, and taken from
-the embedder's own config, see `codetrain.preprocessing`): each file is opened with Pillow (any
-format it reads; the first frame of animated or multi-page files), converted to RGB
-(transparency composited over white, greyscale and palette expanded), its shorter side resized
-to size x 248/224 and the central size x size crop taken in one antialiased bilinear resample
+Preprocessing (identical, bit for bit, to `codetrain evaluate` and to training's clean views:
+one decode, `codetrain.views.decode_rgb`, then the embedder's own input size and normalisation,
+see `codetrain.preprocessing`): each file is decoded with Pillow at full size (any format it
+reads; the first frame of animated or multi-page files), converted to RGB (transparency
+composited over white, greyscale and palette expanded), its shorter side resized to
+size x 248/224 and the central size x size crop taken in one antialiased bilinear resample
 (small images, e.g. 17x23, are upscaled the same way), then normalised with the model's mean
 and std (for the paper's ViT-Tiny: 248 -> 224 px, ImageNet mean/std). The embedder maps the
 crop to a unit vector and the chosen classifier (fitted by `codetrain evaluate`) scores it:
@@ -29,11 +30,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from codetrain.classifiers import FittedClassifier
-from codetrain.embed import embed_files, model_fingerprint
+from codetrain.embed import embed_files, image_extensions, model_fingerprint
 from codetrain.errors import MissingInputError, reports_user_errors
 from codetrain.evaluate import load_fitted_classifiers
 from codetrain.model import CoDEEmbedder, load_embedder
@@ -87,7 +87,7 @@ class Unscored:
         return f"{self.reason.value}: {self.detail}" if self.detail else self.reason.value
 
 
-class Detector(NamedTuple):
+class LoadedDetector(NamedTuple):
     """An embedder and one fitted classifier."""
 
     embedder: CoDEEmbedder
@@ -117,12 +117,6 @@ class DetectResult:
         if self.csv_path is not None:
             lines.append(f"detections written to {self.csv_path}")
         return "\n".join(lines)
-
-
-def image_extensions() -> frozenset[str]:
-    """File extensions (lower case, with dot) of every format Pillow can open."""
-    Image.init()
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 def _link_problem(path: Path) -> SkipReason | None:
@@ -175,7 +169,7 @@ def _scan(folder: Path, extensions: frozenset[str], unscored: list[Unscored]) ->
                 yield path
 
 
-def load_detector(source: str | Path, classifier: str = "linear", storage_options: Mapping[str, Any] | None = None) -> Detector:
+def load_detector(source: str | Path, classifier: str = "linear", storage_options: Mapping[str, Any] | None = None) -> LoadedDetector:
     """The embedder and one fitted classifier of a run (RUN/eval/classifiers) or a bundle (BUNDLE/classifiers).
 
     `source` may be a local folder or an fsspec URL.
@@ -186,7 +180,7 @@ def load_detector(source: str | Path, classifier: str = "linear", storage_option
     for folder in (CLASSIFIERS_DIR, run_classifiers):
         if root.exists(folder):
             fitted = load_fitted_classifiers(root.child(folder), [classifier], model_fingerprint(model))
-            return Detector(model, fitted[classifier])
+            return LoadedDetector(model, fitted[classifier])
     raise MissingInputError(
         f"no fitted classifiers in {root.location_text(run_classifiers)} or {root.location_text(CLASSIFIERS_DIR)}: "
         f"run `codetrain evaluate --run {root.url} --data D3DIR` first (or use an exported bundle)"

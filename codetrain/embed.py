@@ -1,11 +1,13 @@
 """Batched embedding of D3 shard images and image files with the evaluation preprocessing.
 
-Every image, from a shard or a file, goes through the same steps: decode with Pillow
-(first frame), convert to RGB (transparency composited over white), optionally a
-perturbation (robustness sweeps), then the embedder's own preprocessing
-(`codetrain.preprocessing`: its input size and mean/std). Embeddings of
-shard splits are cached as safetensors, keyed by a fingerprint of the embedder
-weights, the shard files and the perturbation, so a rerun recomputes nothing.
+Every image, from a shard or a file, goes through the same steps as training's clean views:
+`codetrain.views.decode_rgb` (full size, first frame, RGB), optionally a perturbation
+(robustness sweeps), then the embedder's own preprocessing (`codetrain.preprocessing`: its
+input size and mean/std). A split is a list of files: Parquet shards (a real and fakes per
+record) or image files labelled by their folder (`real/` holds reals, any other folder, e.g.
+`gen_0/`, fakes of that generator: the published test set's layout). Embeddings of splits are
+cached as safetensors, keyed by a fingerprint of the embedder weights, its preprocessing, the
+files and the perturbation, so a rerun recomputes nothing.
 """
 
 from __future__ import annotations
@@ -31,15 +33,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from codetrain.preprocessing import PAPER, Preprocessing, preprocessing_of
-from codetrain.realsource import RealImageSource, open_parquet
+from codetrain.realsource import RealImageSource, is_shard, open_parquet
+from codetrain.views import decode_rgb
 from d3builder.imaging.augmentations import to_rgb
 from d3builder.storage.schema import generator_slots
-from d3builder.storage.shards import atomic_write_bytes, decode_image
+from d3builder.storage.shards import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 REAL_GENERATOR = "real"
-"""The generator tag of real images."""
+"""The generator tag of real images, and the folder name of reals in an image-folder split."""
 
 CACHE_FORMAT = "codetrain.embeddings/1"
 """Format tag of an embedding cache file (bump when the preprocessing changes)."""
@@ -97,13 +100,28 @@ class Embeddings:
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One image of a shard: record id, label, generator tag, encoded cell and where it came from."""
+    """One image of a split: record id, label, generator tag, where it came from, and its shard cell or file."""
 
     id: str
     label: int
     generator: str
     cell: dict | None
     where: str
+    file: str | None = None
+
+    def decode(self) -> Image.Image:
+        """The image decoded by `decode_rgb` (raises on missing bytes or anything unreadable)."""
+        if self.file is not None:
+            return open_image_file(self.file)
+        if self.cell is None or self.cell.get("bytes") is None:
+            raise ValueError("no image bytes")
+        return decode_rgb(self.cell["bytes"])
+
+
+def image_extensions() -> frozenset[str]:
+    """File extensions (lower case, with dot) of every format Pillow can open."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -193,10 +211,9 @@ def embed_images(model: nn.Module, images: Sequence[Image.Image], batch_size: in
 
 
 def open_image_file(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file (first frame) as RGB; raises on anything unreadable."""
-    with Image.open(path) as img:
-        img.load()
-        return to_rgb(img)
+    """Decode an image file (a local path or fsspec URL) with `decode_rgb`; raises on anything unreadable."""
+    with fsspec.open(str(path), "rb") as fh:
+        return decode_rgb(fh.read())
 
 
 def embed_files(
@@ -221,12 +238,23 @@ def _name(row: dict, slot: int) -> str:
 
 
 def shard_image_count(shards: Sequence[str]) -> int:
-    """Images in the shards (rows x (real + generator slots)), read from Parquet footers only."""
+    """Images in a split's files: rows x (real + generator slots) of each shard (footers only), 1 per image file."""
     total = 0
     for shard in shards:
+        if not is_shard(shard):
+            total += 1
+            continue
         pf = open_parquet(shard)
         total += pf.metadata.num_rows * (len(generator_slots(pf.schema_arrow.names)) + 1)
     return total
+
+
+def file_image(path: str) -> ImageRef:
+    """An image file of an image-folder split: a real in a `real/` folder, else a fake named by its folder."""
+    parts = str(path).rstrip("/").split("/")
+    folder, stem = (parts[-2] if len(parts) > 1 else ""), parts[-1].rsplit(".", 1)[0]
+    label = 0 if folder == REAL_GENERATOR else 1
+    return ImageRef(stem, label, folder if label else REAL_GENERATOR, None, str(path), file=str(path))
 
 
 def _source_cell(real_source: RealImageSource, record_id: str) -> dict | None:
@@ -240,13 +268,16 @@ def _source_cell(real_source: RealImageSource, record_id: str) -> dict | None:
 
 
 def iter_shard_images(shards: Sequence[str], real_source: RealImageSource | None = None) -> Iterator[ImageRef]:
-    """Every real (once per record id) and every fake of the shards, undecoded.
+    """Every real (once per record id) and every fake of a split's shards and image files, undecoded.
 
     Shards in the published ELSA_D3 layout carry no `image_real`; their reals come from
     `real_source`, else a ValueError names the shard.
     """
     seen_reals: set[str] = set()
     for shard in shards:
+        if not is_shard(shard):
+            yield file_image(shard)
+            continue
         pf = open_parquet(shard)
         names = pf.schema_arrow.names
         slots = generator_slots(names)
@@ -289,7 +320,7 @@ def embed_shards(
             bar.update(1)
             yield ref
 
-    items = prepare_parallel(counted(), lambda ref: prepare(decode_image(ref.cell), op, pre), failed, 2 * batch_size)
+    items = prepare_parallel(counted(), lambda ref: prepare(ref.decode(), op, pre), failed, 2 * batch_size)
     refs: list[ImageRef] = []
     chunks: list[np.ndarray] = []
     with bar:

@@ -6,7 +6,13 @@ roc_{split}, map_{split}, robustness), classifiers/ (skops files + classifiers.j
 `codetrain detect` loads) and cache/ (embeddings as safetensors, reused while the weights and
 shards are unchanged). The run, the data and the evaluation folder may be fsspec URLs; a remote
 evaluation folder is written locally and uploaded at the end, results.json last. Every input
-(weights, shard footers, baselines) is checked before any embedding starts.
+(weights, splits, shard footers, real images, baselines) is checked before any embedding starts.
+
+The splits come from `codetrain.sources` (a dataset card's configs, the folder layout, a file or
+glob, a hub repo id): the classifiers are fitted on `fit_augm` by default (the paper's held-out,
+transformed subset) and the test splits are test and test_augm, else the published test
+folders no_augm and augm (`test_data` may name another source for them). A missing split and a
+file that would be both training (or fitting) and test data are refused naming the split flags.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,7 @@ from codetrain.config import (
     load_config,
     overrides_from_args,
 )
-from codetrain.data import RealImageSource, list_shards, read_shard_info
+from codetrain.data import RealImageSource, check_shards, list_shards
 from codetrain.embed import (
     REAL_GENERATOR,
     Embeddings,
@@ -44,6 +49,8 @@ from codetrain.metrics import evaluate_predictions, roc_points
 from codetrain.model import load_embedder
 from codetrain.persistence import classifier_bytes, load_classifier
 from codetrain.preprocessing import preprocessing_of
+from codetrain.release import BASELINE_PREFIX as RELEASE_PREFIX
+from codetrain.release import parse_release_baseline
 from codetrain.report import (
     CSV_COLUMNS,
     ROBUSTNESS_COLUMNS,
@@ -57,12 +64,24 @@ from codetrain.report import (
 )
 from codetrain.robustness import DEFAULT_LEVELS, robustness_sweep
 from codetrain.runlayout import CLASSIFIERS_DIR, ClassifierFiles, EvalFiles, RunLayout
+from codetrain.sources import (
+    TEST_VARIANTS,
+    DataSource,
+    Use,
+    default_test_splits,
+    open_source,
+    refuse_shared_files,
+    run_training_files,
+)
 from codetrain.storage import Location, Store, local_folder, storage_defaults
 from d3builder.storage.layout import safe_name
+from d3builder.storage.schema import FIT_AUGM_SPLIT
 from d3builder.storage.shards import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
+DEFAULT_TEST_SPLITS = ("test", "test_augm")
+SPLIT_FLAGS = "--fit-split and --test-splits (--test-data for another source, e.g. the published test folders)"
 CODE_DETECTOR = "CoDE"
 EXTENDED_SPLIT = "extended"
 MANIFEST_FORMAT = "codetrain.classifiers/1"
@@ -109,40 +128,40 @@ def extended_shards(extended_dir: str | Path) -> list[str]:
     return list_shards(root.location_text("*/test-*.parquet"), "test")
 
 
-def collect_test_splits(data_dir: str, test_splits: Sequence[str], extended_dir: str | Path | None) -> dict[str, list[str]]:
-    """The shards of every test split present (missing ones are logged and skipped)."""
-    splits: dict[str, list[str]] = {}
-    for split in test_splits:
-        shards = list_shards(data_dir, safe_name(split, "split"))
-        if shards:
-            splits[split] = shards
-        else:
-            log.warning("no %s shards under %s: split skipped", split, data_dir)
+def fit_description(split: str) -> str:
+    """How the classifiers' fit split relates to the paper's protocol, for the report."""
+    if split == FIT_AUGM_SPLIT:
+        return "the held-out, transformed fit subset, as in the paper"
+    return f"a departure from the paper, which fits on a held-out, transformed subset (d3builder's {FIT_AUGM_SPLIT})"
+
+
+def collect_test_splits(
+    source: DataSource, test_splits: Sequence[str] | None, extended_dir: str | Path | None
+) -> dict[str, list[str]]:
+    """The files of each test split: the named ones (each must exist), else the defaults the source offers.
+
+    The defaults are test and test_augm (a missing one is logged and skipped), else the published
+    test folders no_augm and augm; a source with none of them is refused naming the split flags.
+    """
+    if test_splits is None:
+        names = default_test_splits(source, DEFAULT_TEST_SPLITS)
+        if not names:
+            raise MissingInputError(
+                f"--test-splits: none of the test splits {', '.join(DEFAULT_TEST_SPLITS + TEST_VARIANTS)} in "
+                f"{source.given} (splits from {source.found_by}: {source.offered()}); choose the splits with {SPLIT_FLAGS}"
+            )
+        for split in DEFAULT_TEST_SPLITS:
+            if split not in names and names[0] in DEFAULT_TEST_SPLITS:
+                log.warning("no %s split in %s: split skipped", split, source.given)
+    else:
+        names = list(dict.fromkeys(test_splits))
+    splits = {split: source.require(split, "--test-splits", SPLIT_FLAGS) for split in names}
     if extended_dir is not None:
         shards = extended_shards(extended_dir)
         if not shards:
             raise MissingInputError(f"no {{generator}}/test-*.parquet shards under {extended_dir} (--extended)")
         splits[EXTENDED_SPLIT] = shards
-    if not splits:
-        raise MissingInputError(f"no test shards under {data_dir} for splits {list(test_splits)} (--data, --test-splits)")
     return splits
-
-
-def check_shards(shards: Sequence[str], real_source: RealImageSource | None) -> None:
-    """Read every shard's footer before any work: InvalidInputError naming the first unreadable or unusable shard."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        infos = list(pool.map(_shard_info, shards))
-    if real_source is None:
-        for info in infos:
-            if not info.has_real:
-                raise InvalidInputError(f"{info.url} has no image_real column (ELSA_D3 layout): pass --real-source")
-
-
-def _shard_info(shard: str) -> Any:
-    try:
-        return read_shard_info(shard)
-    except ValueError as exc:
-        raise InvalidInputError(str(exc)) from exc
 
 
 def fit_classifiers(
@@ -270,8 +289,9 @@ def evaluate(config: EvalConfig, embedder: nn.Module | None = None) -> Evaluatio
     EVAL/classifiers. Each present test split (and the extended set) is scored per
     classifier: accuracy on reals, fakes, overall and per generator, AUC, AP. With
     `robustness`, the fitted classifiers are also scored on `robustness_split` under
-    JPEG/downscale/blur/crop. `baselines` (e.g. "clip:ViT-B-32:/w.safetensors") add
-    linear-probe rows to the same tables.
+    JPEG/downscale/blur/crop. `baselines` add rows to the same tables: a CLIP linear
+    probe ("clip:ViT-B-32:/w.safetensors") or the authors' released backbone with every
+    classifier refitted ("code-release:aimagelab/CoDE").
     """
     try:
         config.validate()
@@ -280,10 +300,25 @@ def evaluate(config: EvalConfig, embedder: nn.Module | None = None) -> Evaluatio
     if embedder is None and not config.run:
         raise MissingInputError("missing --run: the run folder holding model.safetensors (or `run:` in the config)")
     if not config.data:
-        raise MissingInputError("missing --data: the D3 shard root (or `data:` in the config)")
-    urls = [config.run, config.data, config.eval_dir, config.extended, config.real_source]
+        raise MissingInputError("missing --data: the dataset folder, URL or hub repo id (or `data:` in the config)")
+    urls = [config.run, config.data, config.test_data, config.eval_dir, config.extended, config.real_source]
     with storage_defaults(urls, config.storage_options):
         return _evaluate(config, embedder)
+
+
+def _inputs(config: EvalConfig, run: RunLayout | None, real_source: RealImageSource | None) -> _Inputs:
+    """The fit and test splits of `config`, checked: present, no file both training/fit and test data, readable, with reals."""
+    source = open_source(config.data)
+    fit_shards = source.require(config.fit_split, "--fit-split", SPLIT_FLAGS)
+    tests = open_source(config.test_data, "--test-data") if config.test_data else source
+    splits = collect_test_splits(tests, config.test_splits, config.extended)
+    refuse_shared_files([
+        Use("train", "the run's training split", run_training_files(run) if run is not None else []),
+        Use("train", f"the fit split {config.fit_split!r}", fit_shards),
+        *(Use("test", f"the test split {split!r}", files) for split, files in splits.items()),
+    ], SPLIT_FLAGS)
+    check_shards(sorted({f for files in [fit_shards, *splits.values()] for f in files}), real_source, config.data)
+    return _Inputs(fit_shards, splits, real_source)
 
 
 def _evaluate(config: EvalConfig, embedder: nn.Module | None) -> EvaluationResult:
@@ -300,12 +335,7 @@ def _evaluate(config: EvalConfig, embedder: nn.Module | None) -> EvaluationResul
         default = run.eval_store()
         eval_store = default if detector == CODE_DETECTOR else default.child(EvalFiles.baseline_dir(slug(detector)))
     real_source = RealImageSource(config.real_source) if config.real_source else None
-    fit_shards = list_shards(config.data, safe_name(config.fit_split, "split"))
-    if not fit_shards:
-        raise MissingInputError(f"no {config.fit_split} shards under {config.data}: the classifiers are fitted on that "
-                                "split (--fit-split)")
-    inputs = _Inputs(fit_shards, collect_test_splits(config.data, config.test_splits, config.extended), real_source)
-    check_shards(sorted({s for shards in [fit_shards, *inputs.splits.values()] for s in shards}), real_source)
+    inputs = _inputs(config, run, real_source)
     bases = [_load_baseline(spec) for spec in config.baselines]
 
     with local_folder(eval_store, preload=[EvalFiles.CACHE], last=[EvalFiles.RESULTS_JSON]) as out:
@@ -316,8 +346,9 @@ def _evaluate(config: EvalConfig, embedder: nn.Module | None) -> EvaluationResul
         for base in bases:
             base.to(model_device(model))
             name = detector_name(base)
-            log.info("baseline %s: linear probe", name)
-            extra = _evaluate_detector(base, ("linear",), inputs, config, out / EvalFiles.baseline_classifiers(slug(name)),
+            log.info("baseline %s", name)
+            names = getattr(base, "baseline_classifiers", config.classifiers)  # CLIP: the paper's linear probe only
+            extra = _evaluate_detector(base, names, inputs, config, out / EvalFiles.baseline_classifiers(slug(name)),
                                        out / EvalFiles.cache(slug(name)))
             results += extra.results
             for split, c in extra.curves.items():
@@ -338,13 +369,13 @@ def _evaluate(config: EvalConfig, embedder: nn.Module | None) -> EvaluationResul
 
 
 def _load_baseline(spec: str | nn.Module) -> nn.Module:
-    """A baseline embedder from a spec string ('clip:MODEL[:WEIGHTS]') or as given."""
+    """A baseline embedder from a spec string ('clip:MODEL[:WEIGHTS]', 'code-release:PATH_OR_REPO') or as given."""
     if isinstance(spec, nn.Module):
         return spec
     from codetrain.clip_baseline import parse_baseline
 
     try:
-        return parse_baseline(spec)
+        return parse_release_baseline(spec) if spec.startswith(RELEASE_PREFIX) else parse_baseline(spec)
     except (ValueError, FileNotFoundError) as exc:
         raise InvalidInputError(f"--baseline {spec}: {exc}") from exc
 
@@ -382,7 +413,8 @@ def _write_outputs(
     skipped = {f"{fit_split} (fit, {name})": emb.skipped for name, emb in fits.items()}
     skipped.update({split: emb.skipped for split, emb in main.tests.items()})
     intro = [
-        f"Run: `{config.run}`; data: `{config.data}`.",
+        f"Run: `{config.run}`; data: `{config.data}`" + (f"; test data: `{config.test_data}`." if config.test_data else "."),
+        f"Fit split: `{fit_split}`, {fit_description(fit_split)}.",
         *(f"{name}: classifiers fitted on `{fit_split}`: {int((e.labels == 0).sum())} real, {int((e.labels == 1).sum())} fake "
           f"({', '.join(sorted(set(e.generators) - {REAL_GENERATOR}))})." for name, e in fits.items()),
         f"Preprocessing: {preprocessing}. Accuracies in %; AUC/AP rank reals against fakes (fake = positive).",
@@ -393,7 +425,9 @@ def _write_outputs(
         "format": RESULTS_FORMAT,
         "run": str(config.run),
         "data": str(config.data),
+        "test_data": config.test_data,
         "fit_split": fit_split,
+        "fit_protocol": fit_description(fit_split),
         "fit": {name: {"n_real": int((e.labels == 0).sum()), "n_fake": int((e.labels == 1).sum()),
                        "generators": sorted(set(e.generators) - {REAL_GENERATOR})} for name, e in fits.items()},
         "embedder_sha256": main.fingerprint,

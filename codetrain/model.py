@@ -4,6 +4,8 @@ The embedder carries its input preprocessing (`preprocessing`): the size from ti
 config for the model unless set (224 for the paper's ViT-Tiny), the mean/std ImageNet's (the
 paper) or timm's data config's. Both are saved with the weights, so evaluation, detection and
 bundles preprocess exactly as training did. Weights are read from local paths or fsspec URLs.
+They are saved under timm's own key names (the backbone's state dict), so timm alone loads
+them; files written with the wrapper's `backbone.` prefix (before that change) convert on read.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ CONFIG_KEY = "codetrain_embedder"
 
 CONFIG_FORMAT = "codetrain.CoDEEmbedder/1"
 """Format tag written into every config, checked when rebuilding."""
+
+WRAPPER_PREFIX = "backbone."
+"""Key prefix of the wrapper's own state dict, found in weights files written before timm key names."""
 
 
 def _create_backbone(model_name: str, img_size: int | None) -> tuple[nn.Module, bool]:
@@ -128,8 +133,8 @@ def create_embedder(model_name: str = DEFAULT_MODEL, img_size: int | None = None
 
 
 def weights_bytes(model: CoDEEmbedder) -> bytes:
-    """The weights as safetensors bytes, with the config JSON in the metadata."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """The backbone's weights (timm key names) as safetensors bytes, with the config JSON in the metadata."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
     return safetensors.torch.save(state, metadata={CONFIG_KEY: json.dumps(model.config())})
 
 
@@ -156,10 +161,17 @@ def _read(path: str | Path, storage_options: Mapping[str, Any] | None = None) ->
     return tensors, metadata
 
 
-def _load_state(model: CoDEEmbedder, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Copy tensors into the model, refusing any missing, extra or misshapen tensor."""
+def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors without `prefix` when every key carries it, else unchanged."""
+    if tensors and all(k.startswith(prefix) for k in tensors):
+        return {k[len(prefix):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def load_state(model: CoDEEmbedder, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Copy timm-keyed (or old `backbone.`-prefixed) tensors into the backbone; any missing, extra or misshapen one is refused."""
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.backbone.load_state_dict(strip_prefix(tensors, WRAPPER_PREFIX), strict=True)
     except RuntimeError as exc:
         raise InvalidInputError(f"tensors in {path} do not match {model.model_name}: {exc}") from exc
 
@@ -167,7 +179,7 @@ def _load_state(model: CoDEEmbedder, tensors: dict[str, torch.Tensor], path: str
 def load_weights(model: CoDEEmbedder, path: str | Path, storage_options: Mapping[str, Any] | None = None) -> CoDEEmbedder:
     """Load safetensors weights (local path or URL) into an existing embedder (strict: every tensor must match)."""
     tensors, _ = _read(path, storage_options)
-    _load_state(model, tensors, path)
+    load_state(model, tensors, path)
     return model
 
 
@@ -181,5 +193,5 @@ def load_embedder(path: str | Path, storage_options: Mapping[str, Any] | None = 
         model = CoDEEmbedder.from_config(cfg)
     except (json.JSONDecodeError, ValueError, TypeError, RuntimeError) as exc:
         raise InvalidInputError(f"{path} has an unusable embedder config: {exc}") from exc
-    _load_state(model, tensors, path)
+    load_state(model, tensors, path)
     return model.eval()

@@ -51,7 +51,7 @@ class Preprocessing:
     def describe(self) -> dict[str, Any]:
         """The preprocessing as data (the `preprocessing` block of a bundle's config.json)."""
         return {
-            "decode": "Pillow, first frame; RGB with transparency composited over white",
+            "decode": "Pillow at full size (no JPEG draft reduction), first frame; RGB with transparency composited over white",
             "resize_shorter_side": self.resize,
             "center_crop": self.size,
             "interpolation": "bilinear (antialiased), resize and crop in one resample",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -13,12 +14,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from codetrain.errors import InvalidInputError, MissingInputError
 from d3builder.storage.layout import safe_name
 
 log = logging.getLogger(__name__)
 
 OK_STATUS = "success"
 """img2dataset's status of a downloaded image; other rows of a `real/` shard hold no usable image."""
+SHARD_SUFFIX = ".parquet"
+"""Files of a split with this suffix are shards; any other file is one image."""
+FETCH_REALS = "d3builder fetch-real --elsa DATA --output-root DIR, then pass --real-source DIR/real"
+"""How a user gets the reals of the published ELSA_D3 layout (it keeps only their `url`)."""
+
+
+def is_shard(path: str) -> bool:
+    """Whether a split's file is a Parquet shard (else it is one image file)."""
+    return str(path).lower().endswith(SHARD_SUFFIX)
 
 
 def is_local(url: str) -> bool:
@@ -88,6 +99,21 @@ class RealImageSource:
     def __len__(self) -> int:
         return len(self._ensure_index())
 
+    def has(self, record_id: str) -> bool:
+        """Whether the source holds a (successful) real image for `record_id` (an unsafe id: False)."""
+        try:
+            safe_name(record_id, "record id")
+        except ValueError:
+            return False
+        return record_id in self._ensure_index()
+
+    def describe(self) -> str:
+        """Where this source looked for reals and what it found, for messages."""
+        index = self._ensure_index()
+        if self._shards:
+            return f"{len(self._shards)} real/ shard(s) under {self.source} ({len(index)} rows with status {OK_STATUS})"
+        return f"files named {{id}}.<ext> or real/*.parquet shards in {self.source} ({len(index)} image files found)"
+
     def _ensure_index(self) -> dict[str, Any]:
         if self._index is None:
             fs, root = fsspec.core.url_to_fs(self.source)
@@ -110,7 +136,7 @@ class RealImageSource:
             for group in range(parquet.num_row_groups):
                 table = parquet.read_row_group(group, columns=["id", "status"])
                 ok = pc.equal(table["status"], OK_STATUS).to_pylist()
-                for row, (rid, good) in enumerate(zip(table["id"].to_pylist(), ok)):
+                for row, (rid, good) in enumerate(zip(table["id"].to_pylist(), ok, strict=True)):
                     if good and rid is not None:
                         index[rid] = (k, group, row)
         return index
@@ -154,3 +180,25 @@ def _remember(cache: OrderedDict, key: Any, value: Any, size: int) -> None:
     cache.move_to_end(key)
     while len(cache) > size:
         cache.popitem(last=False)
+
+
+def require_real_images(without_real: Sequence[str], real_source: RealImageSource | None, data: str) -> None:
+    """Refuse shards without `image_real` (the published ELSA_D3 layout) unless `real_source` has a real of theirs.
+
+    `without_real` lists those shards (from their footers); the one-line UserError names `--real-source`,
+    where the reals were looked for and how to provide them.
+    """
+    if not without_real:
+        return
+    if real_source is None:
+        raise MissingInputError(f"--real-source: {len(without_real)} shard(s) of {data} (e.g. {without_real[0]}) carry no "
+                                f"real image (the published ELSA_D3 layout keeps only `url`): {FETCH_REALS}")
+    try:
+        for shard in without_real:
+            if any(real_source.has(str(i)) for i in open_parquet(shard).read(columns=["id"]).column("id").to_pylist()):
+                return
+        where = real_source.describe()
+    except OSError as exc:
+        raise InvalidInputError(f"--real-source {real_source.source}: cannot read it: {exc}; {FETCH_REALS}") from exc
+    raise InvalidInputError(f"--real-source {real_source.source}: no real image for any record of {data}: "
+                            f"looked in {where}; {FETCH_REALS}")

@@ -84,6 +84,14 @@ def generator_table(results: Sequence[Mapping[str, Any]], split: str) -> str:
     return markdown_table(headers, rows)
 
 
+def generator_auc_table(results: Sequence[Mapping[str, Any]], split: str) -> str:
+    """ROC AUC of reals against each generator's fakes in `split` (and against all fakes), one row per (detector, classifier)."""
+    gens = generators_of(results, split)
+    rows = [[r["detector"], r["classifier"], *(dec(r["per_generator"][g]["auc"]) if g in r["per_generator"] else "–" for g in gens),
+             dec(r["auc"])] for r in results if r["split"] == split]
+    return markdown_table(["detector", "classifier", *gens, "all fakes"], rows)
+
+
 def _robustness_columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
     """(detector, classifier) pairs in first-seen order."""
     return list(dict.fromkeys((r["detector"], r["classifier"]) for r in rows))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -148,11 +149,12 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         """Check the inputs, build everything; on `config.resume` restore the newest checkpoint."""
-        from codetrain.data import D3Records, RealImageSource, collate, list_shards
+        from codetrain.data import D3Records, RealImageSource, check_shards, collate
+        from codetrain.sources import Use, open_source, refuse_shared_files
 
         config.validate()
         if not config.data:
-            raise MissingInputError("missing --data: the D3 shard root to train on (or `data:` in the config)")
+            raise MissingInputError("missing --data: the dataset to train on, a folder, URL or hub repo id (or `data:` in the config)")
         if not config.run:
             raise MissingInputError("missing --run: the run folder training writes (or `run:` in the config)")
         self.config = config
@@ -168,17 +170,18 @@ class Trainer:
         self.model: CoDEEmbedder = create_embedder(config.model, config.img_size, config.normalisation)
         preprocessing = self.model.preprocessing
         self.real_source = RealImageSource(config.real_source) if config.real_source else None
-        shards = list_shards(config.data, config.train_split)
-        if not shards:
-            raise MissingInputError(f"no {config.train_split} shards under {config.data} (--data)")
-        try:
-            self.dataset = D3Records(
-                shards, seed=config.seed, shuffle_buffer=config.shuffle_buffer,
-                views=preprocessing.view_maker(config.local_size, config.max_ops),
-                real_source=self.real_source, rank=self.rank, world_size=self.world, batch_size=config.batch_size,
-            )
-        except ValueError as exc:  # an unreadable shard footer or a layout without real images
-            raise InvalidInputError(str(exc)) from exc
+        source = open_source(config.data)
+        flags = "--train-split and --val-split (none: no validation)"
+        shards = source.require(config.train_split, "--train-split", flags)
+        self.val_shards = source.shards(config.val_split) if config.val_split else []
+        refuse_shared_files([Use("train", f"the train split {config.train_split!r}", shards),
+                             Use("validation", f"the validation split {config.val_split!r}", self.val_shards)], flags)
+        check_shards(shards, self.real_source, config.data)
+        self.dataset = D3Records(
+            shards, seed=config.seed, shuffle_buffer=config.shuffle_buffer,
+            views=preprocessing.view_maker(config.local_size, config.max_ops),
+            real_source=self.real_source, rank=self.rank, world_size=self.world, batch_size=config.batch_size,
+        )
         estimated = estimate_steps_per_epoch(self.dataset.total, config.batch_size, self.world, config.grad_accum)
         self.steps_per_epoch = config.steps_per_epoch or estimated
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
@@ -288,9 +291,10 @@ class Trainer:
             self.progress.batches_in_epoch += 1
         self.scheduler.step_update(self.progress.step)
         lr = self.optimizer.param_groups[0]["lr"]
-        grad_norm = None
-        if config.grad_clip is not None:
-            grad_norm = float(acc.clip_grad_norm_(self.ddp_model.parameters(), config.grad_clip))
+        # The global gradient norm is logged every step; with grad_clip none (the paper) an infinite bound
+        # scales every gradient by exactly 1.0, i.e. leaves it untouched.
+        max_norm = math.inf if config.grad_clip is None else config.grad_clip
+        grad_norm = float(acc.clip_grad_norm_(self.ddp_model.parameters(), max_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
@@ -301,9 +305,7 @@ class Trainer:
             row = dict(zip(keys, values.tolist(), strict=True))
         if self.world > 1:
             skipped = int(acc.reduce(torch.tensor(skipped, device=acc.device), reduction="sum").item())
-        row.update(lr=lr, skipped=skipped)
-        if grad_norm is not None:
-            row["grad_norm"] = grad_norm
+        row.update(lr=lr, skipped=skipped, grad_norm=grad_norm)
         return row
 
     # --- validation --------------------------------------------------------------------------
@@ -314,7 +316,7 @@ class Trainer:
 
         if self.config.val_split is None:
             return None
-        embedded = validation_embeddings(self.model, self.config, self.accelerator, self.real_source)
+        embedded = validation_embeddings(self.model, self.val_shards, self.config, self.accelerator, self.real_source)
         result: list[dict[str, Any] | None] = [None]
         if self.accelerator.is_main_process:
             if embedded is None:
@@ -355,7 +357,7 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         while p.epoch < config.epochs and p.step < self.total_steps and not stopped_early:
             batches = self._epoch_batches() if not self._epoch_full() else iter(())
-            stream_ended = False
+            stream_ended, fresh_epoch, epoch_start_step = False, p.batches_in_epoch == 0, p.step
             while p.step < self.total_steps and not self._epoch_full():
                 row = self._optimizer_step(batches)
                 if row is None:
@@ -376,6 +378,8 @@ class Trainer:
                     self.save_checkpoint()
                     last_saved = p.step
             del batches
+            if stream_ended and fresh_epoch and p.step == epoch_start_step:
+                self._refuse_empty_epoch()
             if stream_ended or self._epoch_full():
                 started = time.perf_counter()
                 metrics = self.validate()
@@ -392,6 +396,17 @@ class Trainer:
             self.save_checkpoint()
         bar.close()
         return self._finish(stopped_early)
+
+    def _refuse_empty_epoch(self) -> None:
+        """A whole epoch gave no batch (every record skipped, or fewer usable than a batch): stop before any model is written."""
+        reals = f"; the reals were looked for in {self.real_source.describe()}" if self.real_source is not None else ""
+        if self.runlog is not None:
+            self.runlog.close()
+        flag = f"--real-source {self.config.real_source}" if self.real_source is not None else f"--data {self.config.data}"
+        raise InvalidInputError(
+            f"{flag}: no training step could run: of the {self.dataset.total} records, fewer than a batch "
+            f"({self.config.batch_size}) were usable, the others skipped (each logged with its reason){reals}"
+        )
 
     def _epoch_full(self) -> bool:
         """Whether an explicit `steps_per_epoch` has been reached in the current epoch."""

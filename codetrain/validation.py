@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,15 +20,12 @@ log = logging.getLogger(__name__)
 
 
 def validation_embeddings(
-    model: CoDEEmbedder, config: TrainConfig, accelerator: Accelerator, real_source: Any = None
+    model: CoDEEmbedder, shards: Sequence[str], config: TrainConfig, accelerator: Accelerator, real_source: Any = None
 ) -> Embeddings | None:
-    """Embed the clean real and every fake of the validation split; each process takes a share of the shards.
+    """Embed the clean real and every fake of the validation split's shards; each process takes a share of them.
 
     Every process gets the full result (None when the split has no shards).
     """
-    from codetrain.data import list_shards
-
-    shards = list_shards(config.data, config.val_split) if config.val_split else []
     if not shards:
         return None
     mine = shards[accelerator.process_index :: accelerator.num_processes]

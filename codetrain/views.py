@@ -1,12 +1,14 @@
-"""The eight CoDE training views of a (real, fake) pair and the evaluation transform.
+"""The one image decode and clean preprocessing of training, evaluation and detection, and the eight CoDE views.
 
-Every view's randomness (augmentation ops, crop boxes) is drawn from the record's RNG on the
-images' original sizes before any pixel is decoded, so an encoded image is decoded once, in
-JPEG draft mode at the smallest scale that still gives every view at least its output
-resolution. Resizes run on uint8 tensors with torch's antialiased bilinear kernel (the same
-filter as Pillow's, about four times faster) on the decoded pixels shared with Pillow through
-Arrow (RGBX, no copy); a crop is a slice, so crop-then-resize is one interpolation of just the
-crop. Augmentation ops run on PIL images (`d3builder.imaging.augmentations`).
+Every encoded image, whatever its class, size or use, is decoded by `decode_rgb` (full size,
+first frame, RGB) and its clean view made by `clean_view`: training's x_r/x_f, evaluation,
+detection and the exported bundle's documented preprocessing (`codetrain.preprocessing`) are the same
+function of the same bytes, bit for bit. Every training view's randomness (augmentation ops,
+crop boxes) is drawn from the record's RNG. Resizes run on uint8 tensors with torch's
+antialiased bilinear kernel (the same filter as Pillow's, about four times faster) on the
+decoded pixels shared with Pillow through Arrow (RGBX, no copy); a crop is a slice, so
+crop-then-resize is one interpolation of just the crop. Augmentation ops run on PIL images
+(`d3builder.imaging.augmentations`).
 """
 
 from __future__ import annotations
@@ -109,13 +111,28 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[:, top : top + size, left : left + size]
 
 
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode encoded image bytes at full size (first frame; Pillow's decompression-bomb guard on) as RGB.
+
+    The one decode of every image in training, evaluation and detection; raises on anything unreadable.
+    """
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return to_rgb(img)
+
+
+def clean_view(pixels: torch.Tensor, size: int = EVAL_SIZE) -> torch.Tensor:
+    """Shorter side to round(size * 248 / 224), centre crop `size`: uint8 [C,H,W] to uint8 [3,size,size]."""
+    return center_crop(resize_short(pixels, round(size * RESIZE_RATIO)), size)[:3]
+
+
 def eval_transform(img: Image.Image, size: int = EVAL_SIZE, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD) -> torch.Tensor:
-    """Resize the shorter side to size x 248/224, centre-crop size, normalise: [3,size,size] (training's clean view).
+    """`clean_view` of an image, normalised: float32 [3,size,size], exactly training's x_r/x_f of the same pixels.
 
     Callers with a model use `codetrain.preprocessing.Preprocessing.transform`, which passes the model's values.
     """
     with single_thread():
-        return normalise(center_crop(resize_short(to_uint8(to_rgb(img)), round(size * RESIZE_RATIO)), size), None, mean, std)
+        return normalise(clean_view(to_uint8(to_rgb(img)), size), None, mean, std)
 
 
 def random_resized_crop_box(size: tuple[int, int], scale: tuple[float, float], rng: np.random.Generator) -> Box:
@@ -150,11 +167,6 @@ class ViewPlan:
     local_box: Box | None = None
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Open encoded image bytes lazily (header only; Pillow's decompression-bomb guard applies)."""
-    return Image.open(io.BytesIO(data))
-
-
 class ViewMaker:
     """Draws and renders x/a/g/l views of a real and a fake image (only x in eval mode)."""
 
@@ -173,66 +185,44 @@ class ViewMaker:
         ops = draw_ops(rng, self.max_ops)
         return ViewPlan(size, ops, random_resized_crop_box(size, GLOBAL_SCALE, rng), random_resized_crop_box(size, LOCAL_SCALE, rng))
 
-    def decode_scale(self, plan: ViewPlan) -> float:
-        """The smallest decode scale (<= 1) at which no view of `plan` is upsampled beyond its source."""
-        need = [self.short_side / min(plan.size)]
-        if plan.ops and not POINTWISE.issuperset(op.family for op in plan.ops):
-            need.append(1.0)
-        for box, out in ((plan.global_box, self.global_size), (plan.local_box, self.local_size)):
-            if box is not None:
-                need.append(out / min(box[2], box[3]))
-        return min(1.0, max(need))
-
     def render(self, img: Image.Image, plan: ViewPlan, tag: str) -> dict[str, torch.Tensor]:
-        """The uint8 [3,H,W] views of one decoded RGB image (any resolution: boxes are rescaled to it)."""
+        """The uint8 [3,H,W] views of one decoded RGB image, the plan drawn on its size."""
         pixels = to_uint8(img)
-        short = resize_short(pixels, self.short_side)
-        views = {f"x_{tag}": center_crop(short, self.global_size)[:3]}
+        views = {f"x_{tag}": clean_view(pixels, self.global_size)}
         if self.eval_mode:
             return views
-        views[f"a_{tag}"] = self._augment(img, short, plan.ops)[:3] if plan.ops else views[f"x_{tag}"]
-        sx, sy = img.width / plan.size[0], img.height / plan.size[1]
-        for name, box, out in (("g", plan.global_box, self.global_size), ("l", plan.local_box, self.local_size)):
-            left, top = min(img.width - 1, round(box[0] * sx)), min(img.height - 1, round(box[1] * sy))
-            w, h = max(1, round(box[2] * sx)), max(1, round(box[3] * sy))
+        views[f"a_{tag}"] = self._augment(img, pixels, plan.ops)[:3] if plan.ops else views[f"x_{tag}"]
+        for name, (left, top, w, h), out in (("g", plan.global_box, self.global_size), ("l", plan.local_box, self.local_size)):
             views[f"{name}_{tag}"] = resize(pixels[:, top : top + h, left : left + w], out, out)[:3]
         return views
 
-    def _augment(self, img: Image.Image, short: torch.Tensor, ops: list[Op]) -> torch.Tensor:
+    def _augment(self, img: Image.Image, pixels: torch.Tensor, ops: list[Op]) -> torch.Tensor:
         """Ops then resize (shorter side 248) and centre crop; pointwise-only ops run on the resized image."""
         if POINTWISE.issuperset(op.family for op in ops):
+            short = resize_short(pixels, self.short_side)
             out = to_uint8(apply_ops(Image.fromarray(short[:3].permute(1, 2, 0).numpy()), ops))
         else:
             out = resize_short(to_uint8(apply_ops(img, ops)), self.short_side)
         return center_crop(out, self.global_size)
 
-    def make(self, real: Image.Image, fake: Image.Image, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """The normalised float32 views of a decoded (real, fake) pair: x_r, x_f, a_r, a_f, g_r, g_f, l_r, l_f."""
+    def make(
+        self, real: Image.Image, fake: Image.Image, rng: np.random.Generator, normalised: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The views of a decoded (real, fake) pair: x_r, x_f, a_r, a_f, g_r, g_f, l_r, l_f.
+
+        Normalised float32 [3,H,W], or uint8 with `normalised=False`.
+        """
         plans = self.draw(real.size, rng), self.draw(fake.size, rng)
         with single_thread():
             views = {**self.render(to_rgb(real), plans[0], "r"), **self.render(to_rgb(fake), plans[1], "f")}
-        return {key: normalise(view, None, self.mean, self.std) for key, view in views.items()}
+        return {key: normalise(view, None, self.mean, self.std) for key, view in views.items()} if normalised else views
 
     def make_encoded(
         self, real: bytes, fake: bytes, rng: np.random.Generator, normalised: bool = True
     ) -> dict[str, torch.Tensor]:
-        """The same views from encoded bytes, each image decoded once (in draft mode where that loses nothing).
+        """The same views from encoded bytes, each image decoded once by `decode_rgb` (as evaluation decodes it).
 
         With `normalised=False` the views stay uint8 [3,H,W] (`codetrain.data.collate` normalises
         a whole batch at once).
         """
-        images = open_image(real), open_image(fake)
-        plans = self.draw(images[0].size, rng), self.draw(images[1].size, rng)
-        views: dict[str, torch.Tensor] = {}
-        with single_thread():
-            for img, plan, tag in zip(images, plans, ("r", "f")):
-                views.update(self.render(self.decode(img, plan), plan, tag))
-        return {key: normalise(view, None, self.mean, self.std) for key, view in views.items()} if normalised else views
-
-    def decode(self, img: Image.Image, plan: ViewPlan) -> Image.Image:
-        """Decode a lazily opened image as RGB, reduced in JPEG draft mode when the plan allows 2x or more."""
-        scale = self.decode_scale(plan)
-        if scale <= 0.5 and img.format == "JPEG":
-            img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
-        img.load()
-        return to_rgb(img)
+        return self.make(decode_rgb(real), decode_rgb(fake), rng, normalised)

@@ -18,13 +18,14 @@ COMMAND_MODULES: list[str] = [
     "d3builder.stages.transform_test",
     "d3builder.stages.extend",
     "d3builder.stages.validate",
+    "d3builder.stages.publish",
     "d3builder.stages.status",
 ]
 """Modules that each define `add_parser(subparsers)`; their order is the order in `--help`."""
 
 DESCRIPTION = (
     "Rebuild the D3 dataset: select LAION records, fetch real images, generate fakes, "
-    "assemble paired shards, build the test sets, validate."
+    "assemble paired shards, build the test sets, validate, publish."
 )
 
 

@@ -1,8 +1,9 @@
 """The quickstart: the whole D3 + CoDE job on the embedded default, on a CPU, in a few minutes.
 
 Serves the embedded photos on 127.0.0.1, then runs select, fetch-real, generate with the four
-tiny generators, assemble, transform-test, extend, validate, trains CoDE, evaluates it, and
-prints the results table and the path of the report. A second run reuses every finished stage.
+tiny generators, assemble, transform-test, extend, validate, trains CoDE, evaluates it, prints
+the results table, and ends by writing a publishable dataset folder (no real image bytes) and
+a hub-ready model folder. A second run reuses every finished stage (the two folders are rewritten).
 
     python pipelines/quickstart.py [--output-root runs/tiny] [--train-steps 60]
 """
@@ -20,6 +21,7 @@ from typing import Any
 from codetrain.checkpoint import list_checkpoints
 from codetrain.config import EvalConfig, load_config
 from codetrain.evaluate import evaluate
+from codetrain.publish import publish_model
 from codetrain.runlayout import EvalFiles, RunLayout
 from codetrain.train import train
 from d3builder.embedded.photos import embedded_server
@@ -28,6 +30,7 @@ from d3builder.recipe.manifest import Manifest, load_manifest
 from d3builder.stages.assemble import assemble_dataset
 from d3builder.stages.extend import extend
 from d3builder.stages.fetch_real import fetch_real
+from d3builder.stages.publish import publish_dataset
 from d3builder.stages.select import select_records
 from d3builder.stages.transform_test import transform_test
 from d3builder.stages.validate import validate_dataset
@@ -107,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             lambda: evaluate(EvalConfig(run=str(run_dir), data=str(manifest.layout.d3_dir()), extended=str(root / "extended"),
                                         progress=progress)),
         )
+        dataset = stage("publish dataset", lambda: publish_dataset(manifest, root / "publish" / "dataset", overwrite=True,
+                                                                   progress=progress))
+        detector = stage("publish detector", lambda: publish_model(run_dir, root / "publish" / "model", overwrite=True))
     except RuntimeError as exc:
         print(f"\nquickstart stopped: {exc}\nFix the cause and rerun: finished stages are kept.", file=sys.stderr)
         return 1
@@ -115,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Dataset:  {manifest.layout.d3_dir()} (load it with datasets.load_dataset(\"{manifest.layout.d3_dir()}\"))")
     print(f"Detector: {run_dir / RunLayout.MODEL}")
     print(f"Report:   {Path(result.out_dir) / EvalFiles.REPORT} (plots beside it)")
+    print(f"Publishable dataset: {dataset.out} (no real image bytes; `d3builder publish ... --repo user/name` uploads it)")
+    print(f"Hub-ready detector:  {detector.folder} (Detector.from_pretrained(\"{detector.folder}\"); "
+          "`codetrain publish ... --repo user/name` uploads it)")
     return 0
 
 

@@ -10,11 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import yaml
+from datasets import DatasetInfo, SplitDict, SplitInfo
+from datasets.info import DatasetInfosDict
+from huggingface_hub import DatasetCardData
 from PIL import Image, ImageFilter
-from rowkit import d3_row
+from rowkit import d3_row, schema_row
 from skimage import data as skdata
 from sklearn.datasets import load_sample_images
 
+from d3builder.imaging.augmentations import random_augment
 from d3builder.storage.schema import (
     NUM_D3_GENERATORS,
     REAL_FEATURES,
@@ -125,6 +130,13 @@ def make_d3_shards(
     return paths
 
 
+def real_row(record_id: str, url: str | None, data: bytes, encoding: str | None = "JPEG") -> dict:
+    """A `real/` shard row of a successful download of `data` (as fetch-real writes it, served by its own URL)."""
+    return schema_row(REAL_FEATURES, id=record_id, url=url, status="success", error_message=None, image=image_cell(data),
+                      width=None, height=None, encoding=encoding, sha256=None, num_bytes=len(data), url_index=0,
+                      served_url=url)
+
+
 def write_real_sources(
     folder: str | Path, n_records: int, seed: int = 0, sizes: Sizes = Sizes(), shard_size: int = 16
 ) -> tuple[Path, Path]:
@@ -135,22 +147,7 @@ def write_real_sources(
     for index in range(n_records):
         row, real = make_record(index, "train", seed, sizes)
         (files_dir / f"{row['id']}.jpg").write_bytes(real)
-        rows.append(
-            {
-                "id": row["id"],
-                "url": row["url"],
-                "status": "success",
-                "error_message": None,
-                "image": image_cell(real),
-                "width": None,
-                "height": None,
-                "encoding": "JPEG",
-                "sha256": None,
-                "num_bytes": len(real),
-                "url_index": 0,
-                "served_url": row["url"],
-            }
-        )
+        rows.append(real_row(row["id"], row["url"], real))
     order = np.random.default_rng(seed).permutation(n_records)  # reals are not in record order
     shuffled = [rows[i] for i in order]
     for shard, start in enumerate(range(0, n_records, shard_size)):
@@ -161,3 +158,62 @@ def write_real_sources(
 def shard_ids(paths: Sequence[str | Path]) -> list[str]:
     """Every record id in the given shards, in file order."""
     return [i for p in paths for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()]
+
+
+ELSA_DATA_FILES = [{"split": "train", "path": ["data/train-*", "data/val-*"]}, {"split": "validation", "path": "data/validation-*"}]
+"""The `configs` of the published elsaEU/ELSA_D3 card: its train split also holds the `val-*` files."""
+
+
+@dataclass(frozen=True)
+class ElsaRepo:
+    """A folder in the published ELSA_D3 hub layout, the files of each card split, and its reals' `real/` folder."""
+
+    root: Path
+    train: list[Path]
+    validation: list[Path]
+    reals: Path
+
+
+def write_elsa_repo(folder: str | Path, seed: int = 3, train: int = 16, val: int = 8, validation: int = 8) -> ElsaRepo:
+    """Write `folder` like a download of elsaEU/ELSA_D3: README.md card, data/train-*, data/val-*, data/validation-*.
+
+    Records (published schema, no real image) are `make_record(i, ..., seed)` for i in order: `train` in two
+    `train-0000k-of-00002-<hash>` files, `val` in one `val-*` file (in the card's train split), `validation` in
+    one `validation-*` file. Their reals go to `{folder}-fetched/real/` (fetch-real's layout), as `--real-source` takes them.
+    """
+    root = Path(folder)
+    features = elsa_features()
+    files = {
+        "data/train-00000-of-00002-3f2a9c1d7e6b5a40.parquet": range(0, train // 2),
+        "data/train-00001-of-00002-8c1e2b3d4f5a6978.parquet": range(train // 2, train),
+        "data/val-00000-of-00001-4216d2c5edf4484e.parquet": range(train, train + val),
+        "data/validation-00000-of-00001-2a42d4f5845b2762.parquet": range(train + val, train + val + validation),
+    }
+    for name, indices in files.items():
+        write_shard([make_record(i, "train", seed, Sizes())[0] for i in indices], root / name, features, row_group_size=4)
+    paths = {name: root / name for name in files}
+    counts = {"train": train + val, "validation": validation}
+    info = DatasetInfo(features=features, splits=SplitDict({s: SplitInfo(name=s, num_examples=n) for s, n in counts.items()}))
+    card_data = DatasetCardData()
+    DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
+    header = {"configs": [{"config_name": "default", "data_files": ELSA_DATA_FILES}], **card_data.to_dict()}
+    (root / "README.md").write_text(f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n# ELSA D3 (test copy)\n")
+    reals = write_real_sources(root.with_name(f"{root.name}-fetched"), train + val + validation, seed=seed)[0]
+    return ElsaRepo(root, [p for n, p in paths.items() if not n.startswith("data/validation-")],
+                    [p for n, p in paths.items() if n.startswith("data/validation-")], reals)
+
+
+def write_elsa_test_folders(folder: str | Path, indices: range, seed: int = 3) -> Path:
+    """The published test set's layout: `{no_augm,augm}/{real,gen_0..gen_3}/{id}.jpg|png` of records `indices`."""
+    root = Path(folder)
+    for index in indices:
+        row, real = make_record(index, "test", seed, Sizes())
+        images = {"real": (real, "jpg"), **{f"gen_{s}": (row[f"image_gen{s}"]["bytes"], "png") for s in range(NUM_D3_GENERATORS)}}
+        for name, (data, ext) in images.items():
+            with Image.open(io.BytesIO(data)) as img:
+                img = img.convert("RGB")
+            for variant, out in (("no_augm", img), ("augm", random_augment(img, np.random.default_rng([seed, index]))[0])):
+                path = root / variant / name / f"{row['id']}.{ext}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                out.save(path)
+    return root

@@ -78,8 +78,8 @@ def test_local_weights_round_trip_and_refusals(config: Path, tmp_path: Path) -> 
 
 def test_clip_runs_through_the_harness(config: Path, data: dict[str, Path], tmp_path: Path) -> None:
     clip = load_clip_embedder(str(config))
-    result = evaluate(EvalConfig(run=str(data["run"]), data=str(data["d3"]), eval_dir=str(tmp_path / "clip"), classifiers=["linear"],
-                                 robustness=False), embedder=clip)
+    result = evaluate(EvalConfig(run=str(data["run"]), data=str(data["d3"]), eval_dir=str(tmp_path / "clip"),
+                                 fit_split="validation", classifiers=["linear"], robustness=False), embedder=clip)
     assert [(r["detector"], r["classifier"], r["split"]) for r in result.results] == [("CLIP tiny-clip", "linear", "test")]
     assert set(result.results[0]["per_generator"]) == set(GENERATORS)
     assert (result.results[0]["n_real"], result.results[0]["n_fake"]) == (6, 24)
@@ -89,8 +89,8 @@ def test_clip_runs_through_the_harness(config: Path, data: dict[str, Path], tmp_
 
 def test_baseline_rows_join_the_code_table(config: Path, data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "both"
-    result = evaluate(EvalConfig(run=str(data["run"]), data=str(data["d3"]), eval_dir=str(out), classifiers=["linear", "knn"],
-                                 robustness=False, baselines=[f"clip:{config}"]))
+    result = evaluate(EvalConfig(run=str(data["run"]), data=str(data["d3"]), eval_dir=str(out), fit_split="validation",
+                                 classifiers=["linear", "knn"], robustness=False, baselines=[f"clip:{config}"]))
     assert [(r["detector"], r["classifier"]) for r in result.results] == [("CoDE", "linear"), ("CoDE", "knn"), ("CLIP tiny-clip", "linear")]
     assert (out / "baselines" / "clip-tiny-clip" / "classifiers" / "linear.skops").is_file()
     assert sorted(p.name for p in (out / "classifiers").glob("*.skops")) == ["knn.skops", "linear.skops"]

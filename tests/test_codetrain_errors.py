@@ -58,7 +58,8 @@ def test_evaluate_names_a_truncated_shard_before_embedding_anything(d3: Path, tm
     data, victim = truncated_copy(d3, tmp_path / "d3", "test")
     run = tmp_path / "run"
     save_weights(create_embedder("test_vit", 32), run / "model.safetensors")
-    assert main(["evaluate", "--run", str(run), "--data", str(data), "--no-robustness", "--no-progress"]) == 2
+    assert main(["evaluate", "--run", str(run), "--data", str(data), "--fit-split", "validation", "--no-robustness",
+                 "--no-progress"]) == 2
     line = one_error_line(capsys, "evaluate")
     assert str(victim) in line
     assert not (run / "eval").exists(), "no classifier fitted, no embedding cached before the inputs were checked"

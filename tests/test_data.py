@@ -61,7 +61,9 @@ def dataset(shards: list[str], **kw) -> D3Records:
 def test_list_shards_finds_our_layout_and_hub_layouts(d3dir: Path, shards: list[str], tmp_path: Path) -> None:
     assert shards == sorted(str(p) for p in (d3dir / "train").glob("*.parquet")) and len(shards) == 3
     assert list_shards(str(d3dir), "validation") == []
-    assert list_shards(str(d3dir / "train" / "*-0000[01].parquet"), "ignored") == shards[:2]
+    # a glob offers the splits its file names start with, never its files as any split asked for
+    assert list_shards(str(d3dir / "train" / "*-0000[01].parquet"), "train") == shards[:2]
+    assert list_shards(str(d3dir / "train" / "*-0000[01].parquet"), "test") == []
     flat = tmp_path / "data"
     flat.mkdir()
     (flat / "train-00000-of-00001.parquet").write_bytes(Path(shards[0]).read_bytes())
@@ -83,7 +85,7 @@ def test_order_is_fixed_by_seed_and_epoch_and_independent_of_workers(shards: lis
     first = run(ds)
     with_workers = run(dataset(shards), workers=2)
     assert [s["id"] for s in with_workers] == [s["id"] for s in first]
-    for a, b in zip(first, with_workers):
+    for a, b in zip(first, with_workers, strict=True):
         assert a["generator"] == b["generator"] in GENERATORS and all(torch.equal(a[k], b[k]) for k in VIEW_KEYS)
     ds.set_epoch(1)
     second = run(ds)
@@ -109,7 +111,7 @@ def test_resume_gives_exactly_the_remaining_records_with_identical_views(shards:
         assert resumed.state_dict() == saved
         rest = run(resumed, workers=workers)
         assert [s["id"] for s in rest] == [s["id"] for s in reference[consumed:]]
-        for a, b in zip(rest, reference[consumed:]):
+        for a, b in zip(rest, reference[consumed:], strict=True):
             assert all(torch.equal(a[k], b[k]) for k in VIEW_KEYS)
     with pytest.raises(ValueError, match="seed"):
         resumed.load_state_dict({**saved, "seed": 9})

@@ -27,6 +27,7 @@ from codetrain.embed import (
     embed_shards_cached,
     model_fingerprint,
 )
+from codetrain.errors import MissingInputError
 from codetrain.evaluate import EvaluationResult, evaluate, load_fitted_classifiers
 from codetrain.metrics import evaluate_predictions
 from codetrain.model import create_embedder, load_embedder, save_weights
@@ -73,10 +74,10 @@ def tiny_run(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """D3 shards (validation 12, test 8 in 2 shards, test_augm 6 with one corrupt fake), extended set, run."""
+    """D3 shards (fit_augm 12, test 8 in 2 shards, test_augm 6 with one corrupt fake), extended set, run."""
     root = tmp_path_factory.mktemp("eval")
     d3 = root / "d3"
-    make_d3_shards(d3, 12, "validation", seed=1)
+    make_d3_shards(d3, 12, "fit_augm", seed=1)
     make_d3_shards(d3, 8, "test", seed=2, shard_size=4)
     augm_ids = write_split(d3, "test_augm", 6, seed=3, corrupt=CORRUPT_ID_INDEX)
     write_extended(root / "ext", 4, seed=4)
@@ -105,7 +106,7 @@ def test_every_output_file_is_written(result: EvaluationResult, data: dict[str, 
     for name in ("linear", "knn", "ocsvm"):
         assert (out / "classifiers" / f"{name}.skops").is_file()
     assert sorted(p.name for p in (out / "cache" / "code").glob("*.safetensors")) == [
-        "extended.safetensors", "test.safetensors", "test_augm.safetensors", "validation.safetensors"]
+        "extended.safetensors", "fit_augm.safetensors", "test.safetensors", "test_augm.safetensors"]
 
 
 def test_rows_cover_every_classifier_split_and_exactly_the_data_generators(result: EvaluationResult) -> None:
@@ -137,7 +138,9 @@ def test_csv_json_and_markdown_agree_with_the_rows(result: EvaluationResult, dat
     saved = json.loads((out / "results.json").read_text())
     assert saved["results"] == json.loads(json.dumps(result.results))
     assert saved["fit"]["CoDE"] == {"n_real": 12, "n_fake": 48, "generators": sorted(GENERATORS)}
+    assert saved["fit_split"] == "fit_augm" and saved["fit_protocol"] == "the held-out, transformed fit subset, as in the paper"
     report = (out / "report.md").read_text()
+    assert "Fit split: `fit_augm`, the held-out, transformed fit subset, as in the paper." in report
     assert report.strip() == result.report.strip()
     for heading in ("## Summary", "## Accuracy per generator: test", "## Accuracy per generator: test_augm",
                     "## Accuracy per generator: extended", "## Robustness (test)", "## Skipped images", "## Plots"):
@@ -213,10 +216,11 @@ def test_elsa_layout_takes_reals_from_a_real_source_and_names_generators_by_mode
     files = write_real_sources(tmp_path / "r5", 6, seed=5)[1]
     for path in write_real_sources(tmp_path / "r6", 4, seed=6)[1].iterdir():
         path.rename(files / path.name)
-    with pytest.raises(ValueError, match="ELSA_D3 layout"):
-        evaluate(config(data["run"], d3, eval_dir=str(tmp_path / "out"), classifiers=["linear"], robustness=False))
-    result = evaluate(config(data["run"], d3, eval_dir=str(tmp_path / "out"), classifiers=["linear"], robustness=False,
-                             real_source=str(files)))
+    with pytest.raises(MissingInputError, match="--real-source: .* carry no real image .*ELSA_D3 layout"):
+        evaluate(config(data["run"], d3, eval_dir=str(tmp_path / "out"), fit_split="validation", classifiers=["linear"],
+                        robustness=False))
+    result = evaluate(config(data["run"], d3, eval_dir=str(tmp_path / "out"), fit_split="validation", classifiers=["linear"],
+                             robustness=False, real_source=str(files)))
     row = result.results[0]
     assert (row["split"], row["n_real"], row["n_fake"]) == ("test", 4, 16)
     assert set(row["per_generator"]) == set(MODELS)
@@ -224,11 +228,11 @@ def test_elsa_layout_takes_reals_from_a_real_source_and_names_generators_by_mode
 
 def test_missing_fit_split_and_unknown_classifier_are_clear_errors(tmp_path: Path, data: dict[str, Path]) -> None:
     make_d3_shards(tmp_path / "d3", 2, "test")
-    with pytest.raises(FileNotFoundError, match="validation"):
+    with pytest.raises(MissingInputError, match="--fit-split: no 'fit_augm' split in .*: test\\); choose the splits with --fit-split"):
         evaluate(config(data["run"], tmp_path / "d3", eval_dir=str(tmp_path / "out")))
     with pytest.raises(ValueError, match="svm"):
         evaluate(config(data["run"], data["d3"], eval_dir=str(tmp_path / "out"), classifiers=["svm"]))
-    with pytest.raises(FileNotFoundError, match="no test shards"):
+    with pytest.raises(MissingInputError, match="--test-splits: no 'nope' split in"):
         evaluate(config(data["run"], data["d3"], eval_dir=str(tmp_path / "out"), test_splits=["nope"]))
 
 

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
 from test_detect import GOOD, fit_run, write_images
 
 from codetrain.bundle import check_onnx, export_onnx, make_bundle
 from codetrain.cli import main
 from codetrain.detect import detect, load_detector
 from codetrain.embed import open_image_file
-from codetrain.model import create_embedder, load_embedder, save_weights
+from codetrain.model import CONFIG_KEY, create_embedder, load_embedder, save_weights
 from codetrain.views import center_crop, eval_transform, resize_short, to_uint8
 
 
@@ -105,6 +109,34 @@ def test_cli_export(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) 
     assert main(["export", "--run", str(setup["run"]), "--bundle", str(out)]) == 0
     assert "model.onnx" in capsys.readouterr().out
     assert (out / "model.onnx").is_file() and (out / "classifiers" / "linear.skops").is_file()
+
+
+def test_bundle_loads_through_timm_alone(setup: dict[str, Path], bundle: Path) -> None:
+    backbone = timm.create_model(f"local-dir:{bundle}", pretrained=True).eval()
+    assert backbone.num_classes == 0
+    ours = load_embedder(setup["run"] / "model.safetensors")
+    pre = ours.preprocessing
+    assert (pre.size, pre.resize) == (160, 177), "test_vit's input size, from timm's data config"
+    data = timm.data.resolve_data_config({}, model=backbone)
+    assert tuple(data["input_size"]) == (3, 160, 160) and data["crop_pct"] == pytest.approx(160 / 177)
+    assert data["interpolation"] == "bilinear" and data["crop_mode"] == "center"
+    assert tuple(data["mean"]) == pytest.approx((0.485, 0.456, 0.406)) and tuple(data["std"]) == pytest.approx((0.229, 0.224, 0.225))
+    x = torch.stack([pre.transform(open_image_file(setup["images"] / name)) for name in GOOD])
+    with torch.inference_mode():
+        assert torch.equal(F.normalize(backbone(x), dim=-1), ours(x))
+
+
+def test_a_run_in_the_old_key_layout_exports_timm_keys(setup: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "old-run"
+    shutil.copytree(setup["run"], run)
+    model = load_embedder(run / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"),
+              metadata={CONFIG_KEY: json.dumps(model.config())})
+    out = make_bundle(run, tmp_path / "bundle")
+    backbone = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(F.normalize(backbone(x), dim=-1), model(x))
 
 
 def test_bundle_preprocessing_block_is_what_detection_applies_for_another_size_and_normalisation(tmp_path: Path) -> None:

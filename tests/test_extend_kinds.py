@@ -317,7 +317,8 @@ def test_extended_evaluation_gains_a_row_per_added_generator(data: Manifest, run
     make_d3_shards(d3, 12, "validation", seed=1)
     make_d3_shards(d3, 4, "test", seed=2)
     save_weights(create_embedder("test_vit"), tmp_path / "run" / "model.safetensors")
-    result = evaluate(EvalConfig(run=str(tmp_path / "run"), data=str(d3), extended=str(data.layout.root), robustness=False))
+    result = evaluate(EvalConfig(run=str(tmp_path / "run"), data=str(d3), extended=str(data.layout.root), fit_split="validation",
+                                 robustness=False))
     stored = {name: len(_extended_rows(data, name)) for name in NAMES}
     extended = [r for r in result.results if r["split"] == "extended"]
     assert [r["classifier"] for r in extended] == ["linear", "knn", "ocsvm"]

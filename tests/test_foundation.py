@@ -121,7 +121,7 @@ def test_manifests_load_and_bad_keys_name_file_and_key(tmp_path: Path) -> None:
     cases = {
         "shard_size: 16": ("shard_size: sixteen", "shard_size: must be int"),
         "  min_width: 32": ("  min_widht: 32", "filters.min_widht: unknown key"),
-        "splits: {train: 0.5, validation: 0.25, test: 0.25}": ("splits: {train: 0.5, test: 0.25}", "sum to 1"),
+        "splits: {train: 0.375, fit: 0.125, validation: 0.25, test: 0.25}": ("splits: {train: 0.375, test: 0.25}", "sum to 1"),
         "name: tiny": ("name: ../evil", "unsafe manifest name"),
     }
     for original, (replacement, message) in cases.items():

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -86,6 +88,32 @@ def test_safetensors_round_trip_gives_identical_outputs(vit: CoDEEmbedder, tmp_p
         assert torch.equal(loaded(x), expected)
         assert torch.equal(into(x), expected)
     assert not list(path.parent.glob(".*tmp*"))
+
+
+def test_weights_use_timm_key_names_and_load_through_timm_alone(vit: CoDEEmbedder, tmp_path: Path) -> None:
+    path = save_weights(vit, tmp_path / "model.safetensors")
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    with safe_open(str(path), framework="pt") as fh:
+        assert set(fh.keys()) == set(plain.state_dict())
+    loaded = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path))
+    ).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(F.normalize(loaded(x), dim=-1), vit(x))
+        assert not torch.allclose(F.normalize(plain.eval()(x), dim=-1), vit(x))
+
+
+def test_old_files_with_the_wrapper_prefix_convert_on_read(vit: CoDEEmbedder, tmp_path: Path) -> None:
+    old = tmp_path / "old.safetensors"
+    tensors = {k: v.contiguous() for k, v in vit.state_dict().items()}
+    assert all(k.startswith("backbone.") for k in tensors)
+    save_file(tensors, str(old), metadata={CONFIG_KEY: json.dumps(vit.config())})
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = vit(x)
+        assert torch.equal(load_embedder(old)(x), expected)
+        assert torch.equal(load_weights(create_embedder().eval(), old)(x), expected)
 
 
 def test_corrupt_file_is_refused_naming_it(tmp_path: Path) -> None:

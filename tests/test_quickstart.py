@@ -11,6 +11,7 @@ from datasets import load_dataset
 from PIL import Image
 from scriptkit import run_script
 
+from codetrain import Detector
 from d3builder.recipe.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,9 +36,9 @@ def test_quickstart_end_to_end_and_rerun(tmp_path: Path, capsys: pytest.CaptureF
         assert rows(root / stage) == rows(root / "records"), stage
 
     d3 = root / "d3"
-    counts = {split: rows(d3 / split) for split in ("train", "validation", "test", "test_augm")}
-    assert all(counts.values()) and counts["test_augm"] == counts["test"]
-    assert sum(counts[s] for s in ("train", "validation", "test")) <= rows(root / "records")
+    counts = {split: rows(d3 / split) for split in ("train", "fit", "validation", "test", "test_augm", "fit_augm")}
+    assert all(counts.values()) and counts["test_augm"] == counts["test"] and counts["fit_augm"] == counts["fit"]
+    assert sum(counts[s] for s in ("train", "fit", "validation", "test")) <= rows(root / "records")
     dataset = load_dataset(str(d3), split="train")
     assert isinstance(dataset[0]["image_real"], Image.Image)
     assert [dataset[0][f"generator_gen{i}"] for i in range(4)] == GENERATORS
@@ -48,6 +49,7 @@ def test_quickstart_end_to_end_and_rerun(tmp_path: Path, capsys: pytest.CaptureF
     eval_dir = run / "eval"
     report = (eval_dir / "report.md").read_text()
     assert report.strip() in out, "the report is printed at the end"
+    assert "Fit split: `fit_augm`, the held-out, transformed fit subset, as in the paper." in report
     for split in ("test", "test_augm", "extended"):
         for plot in ("acc", "roc", "map"):
             assert Image.open(eval_dir / f"{plot}_{split}.png").size[0] > 100
@@ -60,6 +62,15 @@ def test_quickstart_end_to_end_and_rerun(tmp_path: Path, capsys: pytest.CaptureF
             assert sorted(subsets) == sorted(["all", "real", *GENERATORS]), (classifier, split)
             assert f"| CoDE | {classifier} | {split} |" in report
     assert str(eval_dir / "report.md") in out
+
+    dataset_dir, model_dir = root / "publish" / "dataset", root / "publish" / "model"
+    assert f"Publishable dataset: {dataset_dir}" in out and f"Hub-ready detector:  {model_dir}" in out
+    published = load_dataset(str(dataset_dir), split="train")
+    assert "image_real" not in published.column_names and len(published) == counts["train"]
+    assert (dataset_dir / "LICENSE.md").is_file() and (dataset_dir / "test_augm").is_dir()
+    assert {"README.md", "config.json", "model.safetensors", "model.onnx"} <= {p.name for p in model_dir.iterdir()}
+    predictions = Detector.from_pretrained(model_dir).predict([dataset[0]["image_real"], dataset[0]["image_gen0"]])
+    assert [p.classifier for p in predictions] == ["linear", "linear"]
 
     before = {p: p.stat().st_mtime_ns for p in (root / "gen").rglob("*.parquet")}
     assert run_script("pipelines/quickstart.py", ["--output-root", str(root), "--train-steps", "6", "--no-progress"]) == 0

@@ -116,8 +116,8 @@ def test_train_resume_and_evaluate_on_memory(d3: Path, tmp_path: Path, monkeypat
     resumed = train(TrainConfig(**SMALL, data=data, run=run, resume=True))
     assert resumed.losses == {k: full.losses[k] for k in (3, 4)}
     assert [c.step for c in ckpt.list_checkpoints(run)] == [2, 4]
-    result = evaluate(EvalConfig(run=run, data=data, classifiers=["linear"], robustness_levels={"jpeg": [50.0]},
-                                 progress=False))
+    result = evaluate(EvalConfig(run=run, data=data, fit_split="validation", classifiers=["linear"],
+                                 robustness_levels={"jpeg": [50.0]}, progress=False))
     assert result.out_dir == f"{run}/eval" and result.files[EvalFiles.REPORT] == f"{run}/eval/{EvalFiles.REPORT}"
     eval_files = layout.eval_store().files()
     for name in (EvalFiles.REPORT, EvalFiles.RESULTS_JSON, "classifiers/classifiers.json", "classifiers/linear.skops",
@@ -158,7 +158,7 @@ def test_cli_trains_evaluates_detects_and_exports_on_a_local_s3_server(
     assert not [k for k in keys if "tmp" in k or "partial" in k], keys
     assert "storage_options" not in yaml.safe_load(fs.cat_file(f"{run}/config.yaml")), "credentials stay out of the run"
     eval_config = tmp_path / "eval.yaml"
-    eval_config.write_text(yaml.safe_dump({"run": run, "data": data, "classifiers": ["linear", "knn"], "robustness": False,
+    eval_config.write_text(yaml.safe_dump({"run": run, "data": data, "fit_split": "validation", "classifiers": ["linear", "knn"], "robustness": False,
                                            "progress": False, "storage_options": s3.storage_options}))
     assert main(["evaluate", "-c", str(eval_config)]) == 0
     assert "## Summary" in capsys.readouterr().out

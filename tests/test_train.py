@@ -60,12 +60,14 @@ def test_paper_config_holds_the_published_settings() -> None:
     assert (cfg.batch_size, cfg.seed, cfg.patience, cfg.temperature) == (256, 42, 6, 0.1)
     assert cfg.model == "vit_tiny_patch16_224" and cfg.global_local and cfg.local_size == 96
     assert resolve_precision(cfg.precision, on_gpu=True) == "fp16"
+    assert cfg.grad_clip is None and TrainConfig().grad_clip is None  # the paper clips no gradient
     # The views' geometry and normalisation come from the model's config: the paper's 248 -> 224, ImageNet mean/std.
     assert cfg.img_size is None and cfg.normalisation == "imagenet"
     assert create_embedder(cfg.model, cfg.img_size, cfg.normalisation).preprocessing == Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD)
     assert Preprocessing(224).resize == 248
     tiny = load_config(ROOT / "configs" / "code_tiny.yaml")
     assert tiny.max_steps is not None and tiny.batch_size <= 16
+    assert tiny.grad_clip == 1.0  # the documented departure of the CPU quickstart config
 
 
 def test_flags_override_yaml_and_bad_values_are_config_errors(tmp_path: Path) -> None:
@@ -176,7 +178,7 @@ def test_resume_continues_exactly_and_checkpoints_hold_no_pickle(d3: Path, tmp_p
         assert (run / name).is_file(), name
     assert load_config(run / "config.yaml") == cfg
     final = load_embedder(run / "model.safetensors")
-    torch.testing.assert_close(final.state_dict(), safetensors.torch.load_file(str(run / "checkpoints/step-6/model.safetensors")))
+    torch.testing.assert_close(final.backbone.state_dict(), safetensors.torch.load_file(str(run / "checkpoints/step-6/model.safetensors")))  # timm key names
     # Crash after step 3: only its checkpoint survives; the resumed run redoes steps 4-6 identically.
     shutil.rmtree(run / "checkpoints" / "step-6")
     with pytest.raises(ValueError, match="--resume"):

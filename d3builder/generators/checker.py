@@ -117,12 +117,16 @@ class Checker:
             raise self.fail("sizes", "contains duplicates")
         return sizes
 
+    def text(self, raw: dict, key: str) -> str:
+        """An optional free-text value (a description, a licence); empty when absent."""
+        value = raw.get(key, "") or ""
+        if not isinstance(value, str):
+            raise self.fail(key, "must be a string")
+        return value
+
     def description(self, raw: dict) -> str:
         """The optional free-text description."""
-        description = raw.get("description", "") or ""
-        if not isinstance(description, str):
-            raise self.fail("description", "must be a string")
-        return description
+        return self.text(raw, "description")
 
     def local_path(self, raw: dict, key: str, optional: bool = False) -> str | None:
         """A path resolved against the manifest's folder (existence is checked when the entry runs)."""

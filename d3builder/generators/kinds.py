@@ -26,13 +26,13 @@ PROVENANCE_TYPES: dict[str, type] = {
 """Gen-row provenance columns a folder entry (or its index file) may state, with their types."""
 
 PYTHON_KEYS = {"kind": True, "callable": True, "sizes": True, "model": False, "revision": False, "steps": False,
-               "guidance": False, "description": False}
+               "guidance": False, "description": False, "license": False}
 HTTP_KEYS = {"kind": True, "endpoint": True, "request": True, "image": True, "auth": False, "headers": False,
              "concurrency": False, "rate_limit": True, "timeout_s": False, "retries": False, "backoff_s": False,
              "max_requests": True, "max_response_bytes": False, "sizes": True, "model": False, "revision": False,
-             "steps": False, "guidance": False, "description": False}
+             "steps": False, "guidance": False, "description": False, "license": False}
 FOLDER_KEYS = {"kind": True, "folder": False, "index": False, "provenance": False, "max_image_bytes": False,
-               "timeout_s": False, "description": False}
+               "timeout_s": False, "description": False, "license": False}
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class PythonEntry:
     steps: int | None = None
     guidance: float | None = None
     description: str = ""
+    license: str = ""
     kind: str = "python"
 
 
@@ -92,6 +93,7 @@ class HttpEntry:
     steps: int | None = None
     guidance: float | None = None
     description: str = ""
+    license: str = ""
     kind: str = "http"
 
 
@@ -107,6 +109,7 @@ class FolderEntry:
     max_image_bytes: int = 50_000_000
     timeout_s: float = 60.0
     description: str = ""
+    license: str = ""
     kind: str = "folder"
     sizes: tuple[tuple[int, int], ...] = ()  # none to draw: each image has the size it was made at
 
@@ -126,7 +129,7 @@ def _parse_python(check: Checker, raw: dict) -> PythonEntry:
         name=check.name, callable=target, sizes=check.sizes(raw, 1), source=str(check.path),
         model=check.string(raw, "model", optional=True) or f"python:{target}",
         revision=check.string(raw, "revision", optional=True), steps=check.optional_int(raw, "steps"),
-        guidance=check.optional_number(raw, "guidance"), description=check.description(raw),
+        guidance=check.optional_number(raw, "guidance"), description=check.description(raw), license=check.text(raw, "license"),
     )
 
 
@@ -204,7 +207,7 @@ def _parse_http(check: Checker, raw: dict) -> HttpEntry:
         backoff_s=check.number(raw, "backoff_s", default=1.0),
         max_response_bytes=check.integer(raw, "max_response_bytes", 1, default=20_000_000),
         revision=check.string(raw, "revision", optional=True), steps=steps, guidance=guidance,
-        description=check.description(raw),
+        description=check.description(raw), license=check.text(raw, "license"),
     )
 
 
@@ -237,7 +240,7 @@ def _parse_folder(check: Checker, raw: dict) -> FolderEntry:
         name=check.name, source=str(check.path), folder=folder, index=index,
         provenance={k: check_provenance_value(k, v) for k, v in provenance.items()},
         max_image_bytes=check.integer(raw, "max_image_bytes", 1, default=50_000_000),
-        timeout_s=check.number(raw, "timeout_s", default=60.0, positive=True), description=check.description(raw),
+        timeout_s=check.number(raw, "timeout_s", default=60.0, positive=True), description=check.description(raw), license=check.text(raw, "license"),
     )
 
 

@@ -42,7 +42,7 @@ ENTRY_KEYS = {
     "kind": False, "pipeline": True, "model": True, "revision": False, "dtype": True, "variant": False,
     "steps": True, "guidance": True, "scheduler": False, "sizes": True, "native_size": False,
     "stages": False, "d3_column": False, "tiny": False, "call_kwargs": False, "sources": False,
-    "description": False,
+    "description": False, "license": False,
 }
 SOURCE_KINDS = ("published", "default", "card")
 """Evidence of a setting: the published ELSA_D3 data/card, the pipeline's own default, or the model card's usage."""
@@ -90,6 +90,8 @@ class GeneratorEntry:
     call_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
     sources: Mapping[str, str] = field(default_factory=dict, hash=False)
     description: str = ""
+    license: str = ""
+    """The licence of the model's weights and outputs, as its model card names it (shown in published dataset cards)."""
     kind: str = "diffusers"
 
     @property
@@ -243,6 +245,7 @@ def _parse_diffusers(path: Path, name: str, raw: dict) -> GeneratorEntry:
         call_kwargs=call_kwargs,
         sources=_sources(check, raw, pipeline, settings, d3_column is not None),
         description=check.description(raw),
+        license=check.text(raw, "license"),
         source=str(path),
     )
 

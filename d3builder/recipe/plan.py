@@ -119,6 +119,7 @@ def make_plan(manifest: Manifest, throughput: ThroughputTable, train_epochs: int
     shards = math.ceil(records / manifest.shard_size)
     reals = int(records * throughput.download_yield)
     test_records = int(reals * manifest.splits.get("test", 0.0))
+    fit_records = int(reals * manifest.splits.get("fit", 0.0))
     train_records = int(reals * manifest.splits.get("train", 0.0))
     plan = Plan(str(manifest.path), records, source, shards, reals, throughput.gpu)
     per_shard = min(manifest.shard_size, records)
@@ -149,8 +150,8 @@ def make_plan(manifest: Manifest, throughput: ThroughputTable, train_epochs: int
     per_record = 1 + len(manifest.generators)
     plan.stages += [
         StagePlan("assemble", shards, reals, "d3/{split}/{split}-{k}.parquet", unit_size=f"{per_shard:,} records"),
-        StagePlan("transform-test", shards, test_records * per_record, "d3/test_augm/ (CPU)",
-                  unit_size=f"{math.ceil(test_records * per_record / max(shards, 1)):,} images"),
+        StagePlan("transform-test", shards, (test_records + fit_records) * per_record, "d3/test_augm/, d3/fit_augm/ (CPU)",
+                  unit_size=f"{math.ceil((test_records + fit_records) * per_record / max(shards, 1)):,} images"),
     ]
     test_selected = int(records * manifest.splits.get("test", 0.0))
     test_per_shard = math.ceil(test_selected / max(shards, 1))

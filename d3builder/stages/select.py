@@ -16,7 +16,9 @@ Every choice comes from hashes of (SAMPLE_ID, seed), never from file order:
 - a row holding a value that cannot be read as its LAION type (text in a number column, a fraction
   or infinity in an integer column, invalid UTF-8, a negative SAMPLE_ID) is dropped as `bad_value`;
   NaN in an integer column is a missing value, as pandas writes it.
-- split = an independent hash of (id, seed, "split") against the cumulative split fractions.
+- split = an independent hash of (id, seed, "split") against the cumulative split fractions, in
+  SPLITS order (train, fit, validation, test): a recipe that adds `fit` by taking its share from
+  train's moves train records only.
 
 Records are ordered by selection hash and cut into `records/{k}.parquet` shards of shard_size.
 Input is streamed batch by batch; memory holds only sampled candidates: with max_records a heap of

@@ -1,4 +1,9 @@
-"""`transform-test`: the test split "with transformations", every image passed through seeded CoDE augmentations."""
+"""`transform-test`: the test and fit splits "with transformations", every image passed through seeded CoDE augmentations.
+
+`d3/test/` becomes `d3/test_augm/` and `d3/fit/` (the held-out subset the classifiers are fitted
+on) becomes `d3/fit_augm/`, with the same seed, draw and recorded ops per image. A unit is (split, shard):
+stats/transform_test/{k}.json for test, stats/transform_test/fit/{k}.json for fit.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from d3builder.recipe.cliargs import (
 )
 from d3builder.recipe.manifest import Manifest
 from d3builder.storage.card import split_shards, write_dataset_card
-from d3builder.storage.layout import extension, shard_number
+from d3builder.storage.layout import TRANSFORM_STAGE, extension, shard_number
 from d3builder.storage.runner import (
     BadInput,
     RunSummary,
@@ -36,7 +41,7 @@ from d3builder.storage.runner import (
     UnitWork,
 )
 from d3builder.storage.schema import (
-    AUGM_SPLIT,
+    AUGM_SPLITS,
     SOURCE_SPLIT,
     augm_features,
     generator_slots,
@@ -45,7 +50,7 @@ from d3builder.storage.shards import DEFAULT_ROW_GROUP_SIZE, decode_image
 
 logger = logging.getLogger(__name__)
 
-STAGE = "transform_test"
+STAGE = TRANSFORM_STAGE
 JPEG_QUALITY = 95
 """Quality of the final JPEG/WebP re-encoding (the JPEG-quality family, when drawn, acts before it)."""
 SAVE_FORMATS = {
@@ -91,8 +96,8 @@ def _with_extension(path: str | None, fmt: str) -> str | None:
 class _Transformer:
     """Augments every image of a row, recording the ops."""
 
-    def __init__(self, seed: int, max_ops: int, slots: list[int]) -> None:
-        self.seed, self.max_ops = seed, max_ops
+    def __init__(self, seed: int, max_ops: int, slots: list[int], split: str) -> None:
+        self.seed, self.max_ops, self.split = seed, max_ops, split
         self.columns = [("real", "image_real", "encoding_real")] + [
             (f"gen{s}", f"image_gen{s}", f"encoding_gen{s}") for s in slots
         ]
@@ -100,7 +105,7 @@ class _Transformer:
 
     def row(self, row: dict) -> dict:
         """The augmented row (raises UndecodableImage naming the column whose image does not decode)."""
-        out = dict(row, split=AUGM_SPLIT)
+        out = dict(row, split=self.split)
         for suffix, image_column, encoding_column in self.columns:
             try:
                 image = decode_image(row[image_column])
@@ -123,7 +128,9 @@ class _Transformer:
 
 
 class TransformJob(UnitJob):
-    """transform-test's unit k: d3/test/test-{k} -> d3/test_augm/test_augm-{k}, every image augmented and recorded."""
+    """transform-test's unit (split, k): d3/{split}/{split}-{k} -> d3/{split}_augm/..., every image augmented and recorded.
+
+    The unit's group is the source split (None for test)."""
 
     stage = STAGE
 
@@ -132,10 +139,10 @@ class TransformJob(UnitJob):
         self.manifest, self.row_group_size = manifest, row_group_size
 
     def source(self, unit: Unit) -> PurePath:
-        return self.layout.d3(SOURCE_SPLIT, unit.shard)
+        return self.layout.d3(unit.group or SOURCE_SPLIT, unit.shard)
 
     def outputs(self, unit: Unit) -> list[PurePath]:
-        return [self.layout.d3(AUGM_SPLIT, unit.shard)]
+        return [self.layout.d3(AUGM_SPLITS[unit.group or SOURCE_SPLIT], unit.shard)]
 
     def input_stats(self, unit: Unit) -> list[PurePath]:
         return [self.layout.stats("assemble", unit.shard)]
@@ -151,7 +158,8 @@ class TransformJob(UnitJob):
         except (OSError, pa.ArrowException) as exc:
             raise BadInput(f"{store.url(source)}: unreadable test shard: {exc}") from exc
         slots = generator_slots(parquet.schema_arrow.names)
-        transformer = _Transformer(config.seed, config.max_ops, slots)
+        augm_split = AUGM_SPLITS[ctx.unit.group or SOURCE_SPLIT]
+        transformer = _Transformer(config.seed, config.max_ops, slots, augm_split)
         stream = ctx.stream(output, augm_features(len(slots)), self.row_group_size)
         records, dropped = 0, Counter()
         try:
@@ -162,7 +170,7 @@ class TransformJob(UnitJob):
                         stream.write(transformer.row(row))
                     except UndecodableImage as exc:
                         dropped[f"decode_failed:{exc.column}"] += 1
-                        logger.error("%s: record %r left out of %s: %s", store.url(source), row["id"], AUGM_SPLIT, exc)
+                        logger.error("%s: record %r left out of %s: %s", store.url(source), row["id"], augm_split, exc)
                 ctx.advance(batch.num_rows)
             written = ctx.commit(stream)
         except BaseException:
@@ -176,28 +184,31 @@ class TransformJob(UnitJob):
             "records": records,
             "written": stream.rows,
             "dropped_by_reason": dict(sorted(dropped.items())),
-            "outputs": {} if written is None else {AUGM_SPLIT: store.relative(written)},
+            "outputs": {} if written is None else {augm_split: store.relative(written)},
             "seed": config.seed,
             "max_ops": config.max_ops,
             "jpeg_quality": JPEG_QUALITY,
             "families": sorted(FAMILIES),
             "ops_drawn": dict(sorted(transformer.families.items())),
             "seconds": round(time.time() - started, 3),
-        }, records=records, reasons=dropped, counts=Counter({AUGM_SPLIT: stream.rows}))
+        }, records=records, reasons=dropped, counts=Counter({augm_split: stream.rows}))
 
 
 def transform_test(manifest: Manifest, shards: Sequence[int] | None = None, progress: bool = True,
                    wait: bool = True) -> RunSummary:
-    """Build d3/test_augm/ from every d3/test/ shard (or `shards`) not yet done, then rewrite the dataset card.
+    """Build d3/test_augm/ and d3/fit_augm/ from every d3/test/ and d3/fit/ shard (or `shards`) not yet done, then
+    rewrite the dataset card.
 
     Raises UsageError when there is no test shard (run assemble first)."""
     layout = manifest.layout
-    found = [shard_number(p) for p in split_shards(layout.d3_dir(), layout.store).get(SOURCE_SPLIT, [])]
-    if not found:
+    found = split_shards(layout.d3_dir(), layout.store)
+    if not found.get(SOURCE_SPLIT):
         raise UsageError(f"no test shards under {layout.url(layout.d3_dir() / SOURCE_SPLIT)}: "
                          "run `d3builder assemble` first")
-    wanted = found if shards is None else sorted(set(shards) & set(found))
-    summary = manifest.runner(progress=progress, wait=wait).run(TransformJob(manifest), [Unit(STAGE, k) for k in wanted])
+    units = [Unit(STAGE, shard_number(path), None if split == SOURCE_SPLIT else split)
+             for split in AUGM_SPLITS for path in found.get(split, [])
+             if shards is None or shard_number(path) in shards]
+    summary = manifest.runner(progress=progress, wait=wait).run(TransformJob(manifest), units)
     write_dataset_card(manifest)
     return summary
 
@@ -205,7 +216,9 @@ def transform_test(manifest: Manifest, shards: Sequence[int] | None = None, prog
 def _run(args: argparse.Namespace) -> int:
     summary = transform_test(manifest_from_args(args), args.shards, progress=args.progress, wait=args.wait)
     code = report(summary)
-    print(f"{AUGM_SPLIT}: {summary.counts[AUGM_SPLIT]} records written now")
+    for split in AUGM_SPLITS.values():
+        if split in summary.counts:
+            print(f"{split}: {summary.counts[split]} records written now")
     return code
 
 
@@ -213,8 +226,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `d3builder transform-test`."""
     parser = subparsers.add_parser(
         "transform-test",
-        help="build the test split with transformations (d3/test_augm/)",
-        description="Pass every image of d3/test/ through a seeded random draw of the CoDE augmentations, "
+        help="build the test and fit splits with transformations (d3/test_augm/, d3/fit_augm/)",
+        description="Pass every image of d3/test/ and d3/fit/ through a seeded random draw of the CoDE augmentations, "
         "re-encode it in its original encoding and record the ops (augm_real, augm_gen{i}). Resumable.",
     )
     add_manifest_args(parser)

@@ -8,7 +8,6 @@ recorded reason. A bare d3/ folder has no records to compare with: its output sa
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -27,8 +26,9 @@ from d3builder.recipe.cliargs import (
 )
 from d3builder.storage.card import card_split_counts, in_split_order
 from d3builder.storage.completeness import Completeness, check_completeness, has_records
+from d3builder.storage.layout import TRANSFORM_STAGE, split_prefix
 from d3builder.storage.schema import (
-    AUGM_SPLIT,
+    AUGM_SPLITS,
     SOURCE_SPLIT,
     augm_features,
     d3_features,
@@ -38,9 +38,8 @@ from d3builder.storage.schema import (
 from d3builder.storage.shards import DEFAULT_ROW_GROUP_SIZE, decode_image
 from d3builder.storage.store import Store, open_store
 
-HELD_OUT = (SOURCE_SPLIT, AUGM_SPLIT)
-"""Splits whose records may also appear in each other and in the extended test set (never in train/validation)."""
-_SPLIT_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9_]*?)-\d")
+SOURCE_OF = {augm: split for split, augm in AUGM_SPLITS.items()}
+"""The split each transformed split copies (test_augm: test, fit_augm: fit): the only one its ids may also be in."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ def expected_features(names: list[str], group: str) -> tuple[Features, str]:
     count = len(generator_slots(names))
     if "image_real" not in names:
         return elsa_features(count), "ELSA_D3"
-    if group == AUGM_SPLIT or "augm_real" in names:
+    if group in SOURCE_OF or "augm_real" in names:
         return augm_features(count), "test_augm"
     return d3_features(count), "d3"
 
@@ -228,8 +227,7 @@ def _check_row(
 
 
 def _group_of(path: PurePath, d3_dir: PurePath) -> str:
-    match = _SPLIT_PREFIX.match(path.stem)
-    return match.group(1) if match else path.parent.name if path.parent != d3_dir else "data"
+    return split_prefix(path.stem) or (path.parent.name if path.parent != d3_dir else "data")
 
 
 def find_shards(store: Store) -> tuple[PurePath, dict[str, list[PurePath]]]:
@@ -249,15 +247,19 @@ def find_shards(store: Store) -> tuple[PurePath, dict[str, list[PurePath]]]:
 
 
 def _namespace(group: str) -> str:
-    """Ids must be unique within a namespace: the d3 splits together, test_augm alone, each extended generator."""
-    return group if group == AUGM_SPLIT or group.startswith("extended/") else "d3"
+    """Ids must be unique within a namespace: the d3 splits together, each transformed split alone, each extended generator."""
+    return group if group in SOURCE_OF or group.startswith("extended/") else "d3"
+
+
+def _source_split(group: str) -> str:
+    """The d3 split whose records a group outside the d3 namespace copies: the test split for the extended set."""
+    return SOURCE_OF.get(group, SOURCE_SPLIT)
 
 
 def _cross_shard_defects(checks: list[ShardCheck]) -> list[Defect]:
-    """Duplicate ids across shards, leaks of held-out ids into train/validation, model columns that change."""
+    """Duplicate ids across shards, copies of records from another split than their source, model columns that change."""
     defects = []
     owner: dict[tuple[str, str], ShardCheck] = {}
-    training: dict[str, str] = {}
     for check in checks:
         for record in check.ids:
             first = owner.setdefault((_namespace(check.group), record), check)
@@ -267,14 +269,13 @@ def _cross_shard_defects(checks: list[ShardCheck]) -> list[Defect]:
                 defects.append(
                     Defect(check.path, f"id also in {first.group} ({first.path}): leak between splits", record, "id")
                 )
-            if _namespace(check.group) == "d3" and check.group not in HELD_OUT:
-                training.setdefault(record, check.path)
     for check in checks:
         if _namespace(check.group) != "d3":
+            d3_owners = ((r, owner.get(("d3", r))) for r in check.ids)
             defects += [
-                Defect(check.path, f"held-out record also in {training[r]} (leak)", r, "id")
-                for r in check.ids
-                if r in training
+                Defect(check.path, f"held-out record also in {first.path} (leak)", r, "id")
+                for r, first in d3_owners
+                if first is not None and first.group != _source_split(check.group)
             ]
     reference: dict[str, tuple[str, str]] = {}
     for check in checks:
@@ -288,17 +289,19 @@ def _cross_shard_defects(checks: list[ShardCheck]) -> list[Defect]:
 
 
 def _augm_pairing_defects(checks: list[ShardCheck]) -> list[Defect]:
-    """test_augm must hold exactly the test records."""
-    test = {r: c.path for c in checks if c.group == SOURCE_SPLIT for r in c.ids}
-    augm = {r: c.path for c in checks if c.group == AUGM_SPLIT for r in c.ids}
-    if not augm:
-        return []
-    defects = [
-        Defect(path, f"not a record of the {SOURCE_SPLIT} split", r, "id") for r, path in augm.items() if r not in test
-    ]
-    defects += [
-        Defect(path, f"has no transformed copy in {AUGM_SPLIT}", r, "id") for r, path in test.items() if r not in augm
-    ]
+    """test_augm must hold exactly the test records, fit_augm exactly the fit records (when present)."""
+    defects = []
+    for split, augm_split in AUGM_SPLITS.items():
+        source = {r: c.path for c in checks if c.group == split for r in c.ids}
+        augm = {r: c.path for c in checks if c.group == augm_split for r in c.ids}
+        if not augm:
+            continue
+        defects += [
+            Defect(path, f"not a record of the {split} split", r, "id") for r, path in augm.items() if r not in source
+        ]
+        defects += [
+            Defect(path, f"has no transformed copy in {augm_split}", r, "id") for r, path in source.items() if r not in augm
+        ]
     return defects
 
 
@@ -330,7 +333,10 @@ def _count_defects(store: Store, d3_dir: PurePath, checks: list[ShardCheck]) -> 
     root = d3_dir.parent
     covered: set[str] = set()
     assembled = store.glob(root / "stats" / "assemble" / "[0-9]*.json")
-    for stats_path in [*assembled, *store.glob(root / "stats" / "transform_test" / "[0-9]*.json")]:
+    transform_folder = root / "stats" / TRANSFORM_STAGE  # test units' stats; each other split's in a sub-folder
+    transformed = [path for split in AUGM_SPLITS for path in store.glob(
+        (transform_folder if split == SOURCE_SPLIT else transform_folder / split) / "[0-9]*.json")]
+    for stats_path in [*assembled, *transformed]:
         stats = store.read_json(stats_path)
         written = stats.get("written", {})
         written = written if isinstance(written, dict) else dict.fromkeys(stats.get("outputs", {}), written)

@@ -17,10 +17,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from d3builder.storage.layout import DataLayout, safe_name
-from d3builder.storage.schema import AUGM_SPLIT, SOURCE_SPLIT
+from d3builder.storage.layout import TRANSFORM_STAGE, DataLayout, safe_name
+from d3builder.storage.schema import AUGM_SPLIT, AUGM_SPLITS
 
-SELECT, FETCH, GENERATE, ASSEMBLE, TRANSFORM = "select", "fetch-real", "generate", "assemble", "transform_test"
+SELECT, FETCH, GENERATE, ASSEMBLE, TRANSFORM = "select", "fetch-real", "generate", "assemble", TRANSFORM_STAGE
 """The stats folder of each stage (as each stage names it)."""
 SUCCESS = "success"
 
@@ -46,7 +46,8 @@ class Completeness:
     generated: dict[str, Counter] = field(default_factory=dict)
     assembled: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
-    transformed: int = 0
+    transformed: Counter = field(default_factory=Counter)
+    """Records written per transformed split (test_augm, and fit_augm where the recipe has a fit split)."""
     transform_ran: bool = False
     """Whether transform-test ran at all (an optional stage: only a partial run is a gap)."""
     lost: set[tuple[int, str]] = field(default_factory=set)
@@ -69,7 +70,8 @@ class Completeness:
             f"  generated    {generated or 'no generator'}",
             f"  assembled    {sum(self.assembled.values())} ({counts(self.assembled)})",
             f"  dropped      {sum(self.dropped.values())} ({counts(self.dropped)})",
-            f"  {AUGM_SPLIT:<12} {self.transformed if self.transform_ran else 'not built (transform-test never ran)'}",
+            *(f"  {augm:<12} {self.transformed[augm] if self.transform_ran else 'not built (transform-test never ran)'}"
+              for augm in AUGM_SPLITS.values() if augm == AUGM_SPLIT or augm in self.transformed),
             f"  unaccounted  {len(self.lost)} record(s); {len(self.gaps)} gap(s)",
         ]
 
@@ -216,15 +218,18 @@ class _Shard:
         declared = _json(stats_path).get("dropped")
         if inputs_complete and declared not in (None, dropped):
             self.gap(stats_path, f"says {declared} records dropped, the inputs explain {dropped}")
-        if layout.d3(SOURCE_SPLIT, k).is_file() and report.transform_ran:
-            self.transformed()
+        for split, augm in AUGM_SPLITS.items():
+            if layout.d3(split, k).is_file() and report.transform_ran:
+                self.transformed(split, augm)
 
-    def transformed(self) -> None:
-        stats_path = self.layout.stats(TRANSFORM, self.shard)
+    def transformed(self, split: str, augm: str) -> None:
+        """The transformed copy (`augm`) of this shard's `split` was written: its transform-test unit finished."""
+        stats_path = self.layout.transform_stats(split, self.shard)
+        self.report.transformed[augm] += 0  # listed in the summary even when no unit finished
         if not stats_path.is_file():
-            self.gap(stats_path, f"missing: the {SOURCE_SPLIT} shard was never transformed (run `d3builder transform-test`)")
+            self.gap(stats_path, f"missing: the {split} shard was never transformed (run `d3builder transform-test`)")
         else:
-            self.report.transformed += int(_json(stats_path).get("written", 0))
+            self.report.transformed[augm] += int(_json(stats_path).get("written", 0))
 
 
 def _safe(split: Any) -> bool:

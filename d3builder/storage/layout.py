@@ -6,7 +6,11 @@ import re
 from pathlib import PurePath
 from typing import Any
 
+from d3builder.storage.schema import SOURCE_SPLIT
 from d3builder.storage.store import open_store
+
+TRANSFORM_STAGE = "transform_test"
+"""The stats folder of `transform-test`."""
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -32,6 +36,15 @@ def shard_name(shard: int) -> str:
     if shard < 0:
         raise ValueError(f"shard number must be >= 0, got {shard}")
     return f"{shard:05d}"
+
+
+_SPLIT_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9_]*?)-\d")
+
+
+def split_prefix(file_name: str) -> str | None:
+    """The split a shard file's name starts with (`train-00000-of-00002.parquet`: train), or None."""
+    match = _SPLIT_PREFIX.match(file_name)
+    return match.group(1) if match else None
 
 
 def shard_number(path: PurePath) -> int:
@@ -93,6 +106,10 @@ class DataLayout:
         if part is not None:
             return folder / "parts" / f"{part_name(shard, *part)}.json"
         return folder / f"{shard_name(shard)}.json"
+
+    def transform_stats(self, split: str, shard: int) -> PurePath:
+        """The stats of transform-test's unit (source split, shard): stats/transform_test/{k}.json for test, .../{split}/{k}.json else."""
+        return self.stats(TRANSFORM_STAGE, shard, None if split == SOURCE_SPLIT else split)
 
     def leases(self, stage: str, unit_key: str) -> PurePath:
         """The folder of one unit's lease files (`{epoch}.json`, the highest is current)."""

@@ -20,7 +20,10 @@ GEN_META = [
     "num_inference_steps", "guidance_scale", "seed", "width", "height", "encoding", "jpeg_quality",
     "safety_checker", "watermark", "software",
 ]  # fmt: skip
-PROVENANCE = ("model", "model_revision", "pipeline", "scheduler", "dtype", "safety_checker", "watermark", "software")
+PROVENANCE = (
+    "model", "model_revision", "pipeline", "scheduler", "num_inference_steps", "guidance_scale", "dtype",
+    "safety_checker", "watermark", "software",
+)  # fmt: skip
 
 
 class InputError(Exception):

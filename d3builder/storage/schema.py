@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from datasets import Features, Image, List, Value
 
-SPLITS = ("train", "validation", "test")
-"""The record splits of D3, in order."""
+SPLITS = ("train", "fit", "validation", "test")
+"""The record splits of D3, in the order of their hash intervals in `select`.
+
+`fit` (the held-out subset the paper fits its classifiers on) sits right after `train`, so a
+recipe that adds it takes its records from the end of train's interval only: validation and
+test keep exactly their records.
+"""
 
 NUM_D3_GENERATORS = 4
 
@@ -166,6 +171,12 @@ SOURCE_SPLIT = "test"
 """The split that `transform-test` transforms."""
 AUGM_SPLIT = "test_augm"
 """The test split with transformations."""
+FIT_SPLIT = "fit"
+"""The held-out split the classifiers are fitted on (after transformations, as in the paper)."""
+FIT_AUGM_SPLIT = "fit_augm"
+"""The fit split with transformations: what `codetrain evaluate` fits its classifiers on by default."""
+AUGM_SPLITS = {SOURCE_SPLIT: AUGM_SPLIT, FIT_SPLIT: FIT_AUGM_SPLIT}
+"""Each split `transform-test` transforms, with the name of its transformed copy."""
 
 
 def augm_features(num_generators: int) -> Features:
@@ -174,3 +185,18 @@ def augm_features(num_generators: int) -> Features:
     columns["augm_real"] = STRING
     columns.update({f"augm_gen{slot}": STRING for slot in range(num_generators)})
     return Features(columns)
+
+
+REAL_IMAGE_COLUMN = "image_real"
+"""The column holding the real (LAION) image bytes, which the hub copy leaves out by default."""
+
+
+def published_features(features: Features, with_real_images: bool = False) -> Features:
+    """The hub copy of a split's schema (ELSA_D3 style): the real image bytes dropped unless kept.
+
+    `url`, `sha256_real`, `width_real`, `height_real` and `encoding_real` stay, so anyone can
+    fetch the real image again and verify it; every other column is unchanged.
+    """
+    if with_real_images:
+        return features
+    return Features({name: feature for name, feature in features.items() if name != REAL_IMAGE_COLUMN})

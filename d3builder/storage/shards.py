@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -154,10 +155,11 @@ class ShardStream:
     """Write one shard row group by row group to an atomic file of `store`; `commit` makes it visible."""
 
     def __init__(self, path: PurePath, features: Features, row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
-                 store: Store | None = None, guard: Callable[[], None] | None = None) -> None:
+                 store: Store | None = None, guard: Callable[[], None] | None = None, statistics: bool = True) -> None:
         self.store = store or LOCAL
         self.path = Path(path) if self.store.local else path
         self.features, self.row_group_size, self.guard = features, row_group_size, guard
+        self.statistics = statistics
         self.rows = 0
         self._buffer: list[dict] = []
         self._target: AtomicFile | None = None
@@ -174,7 +176,8 @@ class ShardStream:
             return
         if self._writer is None:
             self._target = self.store.atomic_file(self.path)
-            self._writer = pq.ParquetWriter(self._target.file, self.features.arrow_schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self._target.file, self.features.arrow_schema, compression="zstd",
+                                            write_statistics=self.statistics)
         self._writer.write_table(to_table(self._buffer, self.features), row_group_size=self.row_group_size)
         self.rows += len(self._buffer)
         self._buffer = []
@@ -192,3 +195,79 @@ class ShardStream:
         if self._writer is not None:
             self._writer.close()
             self._target.discard()
+
+
+def value_nbytes(value: Any) -> int:
+    """An upper bound of the bytes a cell takes in Parquet pages without statistics.
+
+    Binary and text: their length, a 4-byte length prefix and 4 bytes for a dictionary index;
+    scalars 8 bytes; nested values the sum of their parts.
+    """
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return len(value.encode()) + 8
+    if isinstance(value, (bytes, bytearray)):
+        return len(value) + 8
+    if isinstance(value, dict):
+        return sum(value_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(value_nbytes(v) for v in value) + 8
+    return 8
+
+
+def parquet_overhead(features: Features, row: dict) -> tuple[int, int]:
+    """(bytes of a file without rows, bytes a row group adds beyond its rows' payload), measured in memory on `row`.
+
+    Measured as `write_sized_shards` writes: zstd, no column statistics.
+    """
+
+    def size(rows: list[dict]) -> int:
+        buffer = io.BytesIO()
+        with pq.ParquetWriter(buffer, features.arrow_schema, compression="zstd", write_statistics=False) as writer:
+            if rows:
+                writer.write_table(to_table(rows, features))
+        return len(buffer.getvalue())
+
+    empty = size([])
+    return empty, max(0, size([row]) - empty - value_nbytes(row))
+
+
+def write_sized_shards(
+    rows: Iterable[dict],
+    path_of: Callable[[int], Path],
+    features: Features,
+    max_bytes: int,
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+) -> list[Path]:
+    """Write rows in order into shards path_of(0), path_of(1), ... of at most `max_bytes` each, each one atomically.
+
+    A shard is closed before the row that would take its size estimate (file overhead,
+    row-group overhead and an upper bound of every row's payload) past `max_bytes`; a row
+    larger than that on its own gets a shard of its own. Columns outside `features` are
+    dropped. No column statistics are written: min/max of image bytes only bloat the footer.
+    """
+    paths: list[Path] = []
+    stream: ShardStream | None = None
+    used = count = 0
+    base = per_group = 0
+    try:
+        for raw in rows:
+            row = {name: raw[name] for name in features}
+            cost = value_nbytes(row)
+            if not paths and stream is None:
+                base, per_group = parquet_overhead(features, row)
+            if stream is not None and base + per_group * -(-(count + 1) // row_group_size) + used + cost > max_bytes:
+                paths.append(stream.commit())  # type: ignore[arg-type] - it holds rows
+                stream = None
+            if stream is None:
+                stream, used, count = ShardStream(path_of(len(paths)), features, row_group_size, statistics=False), 0, 0
+            stream.write(row)
+            used, count = used + cost, count + 1
+        if stream is not None:
+            paths.append(stream.commit())  # type: ignore[arg-type]
+    except BaseException:
+        if stream is not None:
+            stream.abort()
+        raise
+    return paths
