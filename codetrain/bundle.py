@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -32,10 +31,14 @@ from codetrain.errors import OutputExistsError, reports_user_errors
 from codetrain.evaluate import load_fitted_classifiers, read_classifier_manifest
 from codetrain.model import CoDEEmbedder, load_embedder, weights_bytes
 from codetrain.runlayout import BundleFiles, ClassifierFiles, RunLayout
-from codetrain.storage import Location, Store
 from codetrain.timmconfig import timm_config
 from d3builder.storage.layout import safe_name
-from d3builder.storage.shards import atomic_write_bytes, atomic_write_json
+from d3builder.storage.store import (
+    Location,
+    atomic_write_bytes,
+    atomic_write_json,
+    open_store,
+)
 
 BUNDLE_FORMAT = "codetrain.bundle/1"
 INPUT_NAME, OUTPUT_NAME = "image", "embedding"
@@ -46,8 +49,8 @@ ONNX_ATOL = 1e-4
 
 def _weights(run_or_file: str | Path) -> str:
     """The model.safetensors of a run folder, or the file itself (local path or URL)."""
-    store = Store.open(run_or_file)
-    return store.url if store.is_file("") else store.location_text(RunLayout.MODEL)
+    store = open_store(run_or_file, writable=False)
+    return store.url() if store.isfile(store.root) else store.url(store.root / RunLayout.MODEL)
 
 
 def to_onnx_bytes(model: CoDEEmbedder, opset: int = DEFAULT_OPSET) -> bytes:
@@ -106,33 +109,32 @@ def make_bundle(
     `out_dir` is either the complete bundle or untouched; a remote one is uploaded file by
     file, config.json (which lists every file with its hash) last.
     """
-    run, out = RunLayout.open(run_dir).store, Store.open(out_dir)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out.url} already exists (use overwrite / --force to replace it)")
+    run, out = RunLayout.open(run_dir, writable=False), open_store(out_dir)
+    if out.exists(out.root) and not overwrite:
+        raise OutputExistsError(f"{out.url()} already exists (use overwrite / --force to replace it)")
     model = load_embedder(_weights(run_dir))
     fingerprint = model_fingerprint(model)
-    source = (Store.open(eval_dir) if eval_dir is not None else run.child(RunLayout.EVAL)).child(BundleFiles.CLASSIFIERS)
+    source = (open_store(eval_dir, writable=False) if eval_dir is not None else run.eval_store()).child(BundleFiles.CLASSIFIERS)
     load_fitted_classifiers(source, None, fingerprint)  # refuses missing, foreign or stale classifiers
     manifest = read_classifier_manifest(source)
-    parent = out.local_path().parent if out.is_local else Path(tempfile.gettempdir())
+    parent = Path(out.root).parent if out.local else Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(out.root).name}.tmp-", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.root.name}.tmp-", dir=parent))
     try:
         atomic_write_bytes(tmp / BundleFiles.MODEL, weights_bytes(model))  # timm key names, whatever the run's file has
         atomic_write_bytes(tmp / BundleFiles.ONNX, to_onnx_bytes(model, opset))
         diff = check_onnx(model, tmp / BundleFiles.ONNX)
         names = [ClassifierFiles.MANIFEST, *(safe_name(c["file"], "classifier file") for c in manifest["classifiers"].values())]
         for name in names:
-            atomic_write_bytes(tmp / BundleFiles.CLASSIFIERS / name, source.read_bytes(name))
-        if run.exists(RunLayout.CONFIG):
-            atomic_write_bytes(tmp / BundleFiles.TRAIN_CONFIG, run.read_bytes(RunLayout.CONFIG))
+            atomic_write_bytes(tmp / BundleFiles.CLASSIFIERS / name, source.read_bytes(source.root / name))
+        if run.store.exists(run.path(RunLayout.CONFIG)):
+            atomic_write_bytes(tmp / BundleFiles.TRAIN_CONFIG, run.store.read_bytes(run.path(RunLayout.CONFIG)))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         config = {**timm_config(model), **_config(model, fingerprint, manifest, diff, opset, files, tmp)}
         atomic_write_json(tmp / BundleFiles.CONFIG, config)
-        if out.exists():
-            out.remove("", recursive=True)
-        if out.is_local:
-            os.replace(tmp, out.local_path())
+        out.remove_tree(out.root)
+        if out.local:
+            os.replace(tmp, out.root)
         else:
             out.upload(tmp, last=[BundleFiles.CONFIG])
     finally:
@@ -178,7 +180,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     """Run `codetrain export`."""
     out = make_bundle(args.run, args.bundle, args.eval_dir, args.force, args.opset)
-    config = json.loads(Store.open(out).read_text(BundleFiles.CONFIG))
+    bundle = open_store(out)
+    config = bundle.read_json(bundle.root / BundleFiles.CONFIG)
     print(f"bundle written to {out}: {', '.join(sorted(config['files']))} "
           f"(ONNX max |diff| vs torch {config['onnx']['max_abs_diff_vs_torch']:.2g})")
     return 0

@@ -22,7 +22,7 @@ import torch
 
 from codetrain.errors import InvalidInputError, MissingInputError
 from codetrain.runlayout import CheckpointFiles, RunLayout
-from codetrain.storage import Location, Store
+from d3builder.storage.store import Location, Store, open_store
 
 STATE_FORMAT = "codetrain.checkpoint/1"
 
@@ -107,28 +107,33 @@ class Checkpoint(NamedTuple):
 def _save_split(folder: Store, obj: Any, json_name: str, tensor_name: str, prefix: str) -> None:
     """Write a nested state as JSON + safetensors."""
     meta, tensors = split_tensors(obj, prefix)
-    folder.write_bytes(tensor_name, safetensors.torch.save(tensors))
-    folder.write_bytes(json_name, json.dumps(meta).encode("utf-8"))
+    folder.write_bytes(folder.root / tensor_name, safetensors.torch.save(tensors))
+    folder.write_bytes(folder.root / json_name, json.dumps(meta).encode("utf-8"))
+
+
+def _read(folder: Store, name: str) -> bytes:
+    """The bytes of one checkpoint file; MissingInputError naming it when absent."""
+    try:
+        return folder.read_bytes(folder.root / name)
+    except FileNotFoundError as exc:
+        raise MissingInputError(f"checkpoint file missing: {folder.url(folder.root / name)}") from exc
 
 
 def _read_json(folder: Store, name: str) -> Any:
     try:
-        return json.loads(folder.read_text(name))
-    except MissingInputError as exc:
-        raise MissingInputError(f"checkpoint file missing: {folder.location_text(name)}") from exc
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"{folder.location_text(name)} is not valid JSON: {exc}") from exc
+        return json.loads(_read(folder, name))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{folder.url(folder.root / name)} is not valid JSON: {exc}") from exc
 
 
 def _load_split(folder: Store, json_name: str, tensor_name: str) -> Any:
     """Read a nested state written by `_save_split` (no pickle anywhere)."""
     meta = _read_json(folder, json_name)
+    data = _read(folder, tensor_name)
     try:
-        tensors = safetensors.torch.load(folder.read_bytes(tensor_name))
-    except MissingInputError as exc:
-        raise MissingInputError(f"checkpoint file missing: {folder.location_text(tensor_name)}") from exc
+        tensors = safetensors.torch.load(data)
     except (safetensors.SafetensorError, OSError, ValueError) as exc:
-        raise InvalidInputError(f"{folder.location_text(tensor_name)} is not a valid safetensors file: {exc}") from exc
+        raise InvalidInputError(f"{folder.url(folder.root / tensor_name)} is not a valid safetensors file: {exc}") from exc
     return join_tensors(meta, tensors)
 
 
@@ -144,50 +149,51 @@ def checkpoint_dir(run: str | Path | RunLayout, step: int) -> Location:
 def begin(run: RunLayout, step: int) -> Store:
     """The folder of a checkpoint about to be (re)written, no longer marked complete."""
     folder = run.checkpoint(step)
-    folder.remove(CheckpointFiles.COMPLETE)
+    folder.remove(folder.root / CheckpointFiles.COMPLETE)
     return folder
 
 
 def mark_complete(folder: Store, step: int) -> None:
     """Write `complete.json` (last, after every other file of the checkpoint) listing the files."""
-    files = [n for n in folder.files() if n != CheckpointFiles.COMPLETE]
-    folder.write_bytes(CheckpointFiles.COMPLETE, json.dumps({"format": STATE_FORMAT, "step": step, "files": files}).encode())
+    files = sorted(folder.relative(p) for p in folder.find() if p.name != CheckpointFiles.COMPLETE)
+    folder.write_bytes(folder.root / CheckpointFiles.COMPLETE,
+                       json.dumps({"format": STATE_FORMAT, "step": step, "files": files}).encode())
 
 
 def save_process_rng(folder: str | Path | Store, rank: int) -> None:
     """Write this process's RNG states into a checkpoint folder."""
-    _save_split(Store.open(folder), rng_state(), CheckpointFiles.rng_json(rank), CheckpointFiles.rng_tensors(rank), "rng")
+    _save_split(open_store(folder), rng_state(), CheckpointFiles.rng_json(rank), CheckpointFiles.rng_tensors(rank), "rng")
 
 
 def load_process_rng(folder: str | Path | Store, rank: int) -> None:
     """Restore this process's RNG states; a checkpoint from fewer processes falls back to rank 0's."""
-    store = Store.open(folder)
-    if not store.exists(CheckpointFiles.rng_json(rank)):
+    store = open_store(folder)
+    if not store.exists(store.root / CheckpointFiles.rng_json(rank)):
         rank = 0
     set_rng_state(_load_split(store, CheckpointFiles.rng_json(rank), CheckpointFiles.rng_tensors(rank)))
 
 
 def save_train_state(folder: str | Path | Store, optimizer_state: dict, state: dict[str, Any]) -> None:
     """Write the optimizer state (safetensors + JSON) and the run state (JSON) into `folder`."""
-    store = Store.open(folder)
+    store = open_store(folder)
     _save_split(store, optimizer_state, CheckpointFiles.OPTIMIZER_JSON, CheckpointFiles.OPTIMIZER_TENSORS, "opt")
-    store.write_bytes(CheckpointFiles.STATE, json.dumps({"format": STATE_FORMAT, **state}).encode("utf-8"))
+    store.write_bytes(store.root / CheckpointFiles.STATE, json.dumps({"format": STATE_FORMAT, **state}).encode("utf-8"))
 
 
 def load_train_state(folder: str | Path | Store) -> TrainState:
     """Read back the optimizer state and the run state from a checkpoint folder."""
-    store = Store.open(folder)
+    store = open_store(folder)
     state = _read_json(store, CheckpointFiles.STATE)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise InvalidInputError(f"{store.location_text(CheckpointFiles.STATE)} is not a {STATE_FORMAT} checkpoint")
+        raise InvalidInputError(f"{store.url(store.root / CheckpointFiles.STATE)} is not a {STATE_FORMAT} checkpoint")
     return TrainState(_load_split(store, CheckpointFiles.OPTIMIZER_JSON, CheckpointFiles.OPTIMIZER_TENSORS), state)
 
 
 def list_checkpoints(run: str | Path | RunLayout) -> list[Checkpoint]:
     """Complete checkpoints of a run (those holding `complete.json`), oldest first."""
     layout = _run(run)
-    return [Checkpoint(step, layout.store.location(name)) for step, name in layout.checkpoint_folders()
-            if layout.store.exists(f"{name}/{CheckpointFiles.COMPLETE}")]
+    return [Checkpoint(step, layout.store.location(folder)) for step, folder in layout.checkpoint_folders()
+            if layout.store.exists(folder / CheckpointFiles.COMPLETE)]
 
 
 def latest_checkpoint(run: str | Path | RunLayout) -> Location | None:
@@ -201,6 +207,6 @@ def prune(run: str | Path | RunLayout, keep: int, current: int) -> None:
     layout = _run(run)
     complete = {c.step for c in list_checkpoints(layout)}
     newest = sorted(complete)[-keep:] if keep > 0 else sorted(complete)
-    for step, name in layout.checkpoint_folders():
+    for step, folder in layout.checkpoint_folders():
         if step != current and step not in newest:
-            layout.store.remove(name, recursive=True)
+            layout.store.remove_tree(folder)

@@ -19,10 +19,9 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 import yaml
 
 from codetrain.classifiers import CLASSIFIERS
-from codetrain.errors import UserError
+from codetrain.errors import UserError, read_input
 from codetrain.preprocessing import NORMALISATIONS
 from codetrain.robustness import DEFAULT_LEVELS, validate_levels
-from codetrain.storage import read_url
 from d3builder.core.yamlconfig import ConfigError, from_mapping, parse_yaml
 from d3builder.storage.layout import safe_name
 from d3builder.storage.schema import FIT_AUGM_SPLIT
@@ -187,7 +186,7 @@ def public_dict(config: Any) -> dict[str, Any]:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping of a YAML file at a local path or URL; ConfigError naming the file when unreadable."""
     try:
-        data = read_url(path)
+        data = read_input(path)
     except UserError as exc:
         raise ConfigError(path, "", str(exc)) from exc
     except OSError as exc:

@@ -38,7 +38,7 @@ from codetrain.errors import MissingInputError, reports_user_errors
 from codetrain.evaluate import load_fitted_classifiers
 from codetrain.model import CoDEEmbedder, load_embedder
 from codetrain.runlayout import CLASSIFIERS_DIR, MODEL_FILE, RunLayout
-from codetrain.storage import Location, Store, open_text_output, storage_defaults
+from d3builder.storage.store import Location, open_store, storage_defaults
 
 log = logging.getLogger(__name__)
 
@@ -174,16 +174,16 @@ def load_detector(source: str | Path, classifier: str = "linear", storage_option
 
     `source` may be a local folder or an fsspec URL.
     """
-    root = Store.open(source, storage_options)
-    model = load_embedder(root.location_text(MODEL_FILE), storage_options)
+    root = open_store(source, storage_options, writable=False)
+    model = load_embedder(root.url(root.root / MODEL_FILE), storage_options)
     run_classifiers = f"{RunLayout.EVAL}/{CLASSIFIERS_DIR}"
     for folder in (CLASSIFIERS_DIR, run_classifiers):
-        if root.exists(folder):
+        if root.exists(root.root / folder):
             fitted = load_fitted_classifiers(root.child(folder), [classifier], model_fingerprint(model))
             return LoadedDetector(model, fitted[classifier])
     raise MissingInputError(
-        f"no fitted classifiers in {root.location_text(run_classifiers)} or {root.location_text(CLASSIFIERS_DIR)}: "
-        f"run `codetrain evaluate --run {root.url} --data D3DIR` first (or use an exported bundle)"
+        f"no fitted classifiers in {root.url(root.root / run_classifiers)} or {root.url(root.root / CLASSIFIERS_DIR)}: "
+        f"run `codetrain evaluate --run {root.url()} --data D3DIR` first (or use an exported bundle)"
     )
 
 
@@ -208,8 +208,8 @@ def detect(
 
     Inputs that cannot be scored are listed with their reason, not fatal. Detections are
     written to `out_csv` (a local path or URL: path, score, label, classifier, reason) as
-    they come, then one row per input not scored. See the module docstring for the
-    preprocessing.
+    they come, then one row per input not scored; the file appears whole, atomically, at the
+    end. See the module docstring for the preprocessing.
     """
     with storage_defaults([str(source), str(out_csv) if out_csv else None], storage_options):
         model, clf = load_detector(source, classifier, storage_options)
@@ -223,8 +223,9 @@ def detect(
             result.detections.extend(detections)
             _add_failures(result, failures)
         else:
-            with open_text_output(str(out_csv), storage_options) as (fh, location):
-                result.csv_path = location
+            target = open_store(out_csv, storage_options)
+            with target.atomic_writer(target.root, encoding="utf-8") as fh:
+                result.csv_path = target.location()
                 writer = csv.writer(fh)
                 writer.writerow(CSV_COLUMNS)
                 for det in detections:

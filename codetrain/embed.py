@@ -37,7 +37,7 @@ from codetrain.realsource import RealImageSource, is_shard, open_parquet
 from codetrain.views import decode_rgb
 from d3builder.imaging.augmentations import to_rgb
 from d3builder.storage.schema import generator_slots
-from d3builder.storage.shards import atomic_write_bytes
+from d3builder.storage.store import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
+from d3builder.core.commandline import UsageError
+from d3builder.storage.store import open_store
 
-class UserError(Exception):
-    """A problem with what the user gave (a flag, a file, a folder, a URL), not a bug; the message names it."""
+UserError = UsageError
+"""A problem with what the user gave (a flag, a file, a folder, a URL), not a bug; the message names it.
+
+The same class as d3builder's, so its storage errors (an unknown URL scheme, a missing filesystem package)
+are user errors here too."""
 
 
 class InvalidInputError(UserError, ValueError):
@@ -41,3 +48,14 @@ def reports_user_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[a
             return 2
 
     return wrapper
+
+
+def read_input(location: str | Path, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """The bytes of a file the user named (local path or URL); MissingInputError / InvalidInputError naming it."""
+    store = open_store(location, storage_options, writable=False)
+    try:
+        return store.read_bytes(store.root)
+    except FileNotFoundError as exc:
+        raise MissingInputError(f"{location} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise InvalidInputError(f"{location} is a folder, not a file") from exc

@@ -73,10 +73,16 @@ from codetrain.sources import (
     refuse_shared_files,
     run_training_files,
 )
-from codetrain.storage import Location, Store, local_folder, storage_defaults
 from d3builder.storage.layout import safe_name
 from d3builder.storage.schema import FIT_AUGM_SPLIT
-from d3builder.storage.shards import atomic_write_bytes, atomic_write_json
+from d3builder.storage.store import (
+    Location,
+    Store,
+    atomic_write_bytes,
+    atomic_write_json,
+    open_store,
+    storage_defaults,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +126,12 @@ def slug(name: str) -> str:
 
 def extended_shards(extended_dir: str | Path) -> list[str]:
     """Shards `{generator}/test-*.parquet` under `extended_dir/extended` or `extended_dir` itself (local or URL)."""
-    root = Store.open(extended_dir)
-    if root.exists("extended"):
+    root = open_store(extended_dir, writable=False)
+    if root.exists(root.root / "extended"):
         root = root.child("extended")
-    if not root.exists():
-        raise MissingInputError(f"extended test set folder {root.url} does not exist (--extended)")
-    return list_shards(root.location_text("*/test-*.parquet"), "test")
+    if not root.exists(root.root):
+        raise MissingInputError(f"extended test set folder {root.url()} does not exist (--extended)")
+    return list_shards(root.url(root.root / "*" / "test-*.parquet"), "test")
 
 
 def fit_description(split: str) -> str:
@@ -189,16 +195,17 @@ def fit_classifiers(
 
 def read_classifier_manifest(folder: str | Path | Store) -> dict[str, Any]:
     """The classifiers.json of a classifiers folder (local or URL); MissingInputError when there is none."""
-    store = Store.open(folder)
-    if not store.exists(ClassifierFiles.MANIFEST):
-        raise MissingInputError(f"no fitted classifiers in {store.url} (no {ClassifierFiles.MANIFEST}): "
+    store = open_store(folder, writable=False)
+    path = store.root / ClassifierFiles.MANIFEST
+    if not store.exists(path):
+        raise MissingInputError(f"no fitted classifiers in {store.url()} (no {ClassifierFiles.MANIFEST}): "
                                 "run `codetrain evaluate` first")
     try:
-        manifest = json.loads(store.read_text(ClassifierFiles.MANIFEST))
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"{store.location_text(ClassifierFiles.MANIFEST)} is not valid JSON: {exc}") from exc
+        manifest = store.read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{store.url(path)} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise InvalidInputError(f"{store.location_text(ClassifierFiles.MANIFEST)} is not a {MANIFEST_FORMAT} manifest")
+        raise InvalidInputError(f"{store.url(path)} is not a {MANIFEST_FORMAT} manifest")
     return manifest
 
 
@@ -206,19 +213,19 @@ def load_fitted_classifiers(
     folder: str | Path | Store, names: Sequence[str] | None = None, fingerprint: str | None = None
 ) -> dict[str, FittedClassifier]:
     """Load classifiers saved by `fit_classifiers` (local folder or URL); refuses ones fitted on another embedder."""
-    store = Store.open(folder)
+    store = open_store(folder, writable=False)
     manifest = read_classifier_manifest(store)
     if fingerprint is not None and manifest.get("embedder_sha256") != fingerprint:
         raise InvalidInputError(
-            f"the classifiers in {store.url} were fitted on other embedder weights than the ones loaded "
+            f"the classifiers in {store.url()} were fitted on other embedder weights than the ones loaded "
             "(retrained since?): run `codetrain evaluate` again"
         )
     available = manifest.get("classifiers", {})
     wanted = list(available) if names is None else list(names)
     missing = [n for n in wanted if n not in available]
     if missing:
-        raise MissingInputError(f"no fitted classifier {missing} in {store.url}; available: {sorted(available)}")
-    return {name: load_classifier(store.location(safe_name(available[name]["file"], "classifier file")))
+        raise MissingInputError(f"no fitted classifier {missing} in {store.url()}; available: {sorted(available)}")
+    return {name: load_classifier(store.location(store.root / safe_name(available[name]["file"], "classifier file")))
             for name in wanted}
 
 
@@ -324,11 +331,11 @@ def _inputs(config: EvalConfig, run: RunLayout | None, real_source: RealImageSou
 def _evaluate(config: EvalConfig, embedder: nn.Module | None) -> EvaluationResult:
     """`evaluate` once the config is checked and the storage options are in place."""
     run = RunLayout.open(config.run, config.storage_options) if config.run else None
-    model = embedder if embedder is not None else load_embedder(run.store.location_text(RunLayout.MODEL), config.storage_options)
+    model = embedder if embedder is not None else load_embedder(run.store.url(run.path(RunLayout.MODEL)), config.storage_options)
     model.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     detector = detector_name(model)
     if config.eval_dir is not None:
-        eval_store = Store.open(config.eval_dir, config.storage_options)
+        eval_store = open_store(config.eval_dir, config.storage_options)
     elif run is None:
         raise MissingInputError("no evaluation folder: pass --run or --eval-dir")
     else:
@@ -338,7 +345,7 @@ def _evaluate(config: EvalConfig, embedder: nn.Module | None) -> EvaluationResul
     inputs = _inputs(config, run, real_source)
     bases = [_load_baseline(spec) for spec in config.baselines]
 
-    with local_folder(eval_store, preload=[EvalFiles.CACHE], last=[EvalFiles.RESULTS_JSON]) as out:
+    with eval_store.local_workspace(preload=[EvalFiles.CACHE], last=[EvalFiles.RESULTS_JSON]) as out:
         main = _evaluate_detector(model, config.classifiers, inputs, config, out / EvalFiles.CLASSIFIERS,
                                   out / EvalFiles.cache(slug(detector)))
         results, curves = list(main.results), {s: dict(c) for s, c in main.curves.items()}
@@ -364,7 +371,7 @@ def _evaluate(config: EvalConfig, embedder: nn.Module | None) -> EvaluationResul
                                          cache_dir=out / EvalFiles.robustness_cache(slug(detector)),
                                          real_source=real_source, progress=config.progress)
         files, report = _write_outputs(out, config, fits, results, curves, sweep, main, preprocessing_of(model).summary())
-        files = {name: eval_store.location(path.relative_to(out).as_posix()) for name, path in files.items()}
+        files = {name: eval_store.location(eval_store.root / path.relative_to(out)) for name, path in files.items()}
     return EvaluationResult(eval_store.location(), results, sweep, main.classifiers, files, report)
 
 

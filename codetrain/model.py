@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from codetrain.errors import InvalidInputError
+from codetrain.errors import InvalidInputError, read_input
 from codetrain.preprocessing import NORMALISATIONS, PAPER, Preprocessing
-from codetrain.storage import read_url
-from d3builder.storage.shards import atomic_write_bytes
+from d3builder.storage.store import atomic_write_bytes
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 """The paper's backbone: ViT-Tiny, 192-d CLS embedding, about 5.5M parameters."""
@@ -152,7 +151,7 @@ def _header_metadata(data: bytes) -> dict[str, str]:
 
 def _read(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read tensors and metadata from a safetensors file (local path or URL); ValueError if it is not one."""
-    data = read_url(path, storage_options)
+    data = read_input(path, storage_options)
     try:
         tensors = safetensors.torch.load(data)
         metadata = _header_metadata(data)

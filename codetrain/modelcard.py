@@ -18,7 +18,7 @@ from codetrain.report import (
     summary_table,
 )
 from d3builder.core.paper import CITATION, PAPER_URL
-from d3builder.storage.shards import atomic_write_bytes
+from d3builder.storage.store import atomic_write_bytes
 
 SPLIT_TITLES = {
     "test": "without transformations (`test`)",

@@ -19,9 +19,8 @@ import skops.io as sio
 from skops.io.exceptions import UntrustedTypesFoundException
 
 from codetrain.classifiers import CLASSIFIERS, FittedClassifier
-from codetrain.errors import UserError
-from codetrain.storage import is_remote, read_url
-from d3builder.storage.shards import atomic_write_bytes
+from codetrain.errors import UserError, read_input
+from d3builder.storage.store import atomic_write_bytes, is_url
 
 FORMAT = "codetrain.classifier"
 VERSION = 1
@@ -52,7 +51,7 @@ class UntrustedFileError(UserError, ValueError):
 
     def __init__(self, path: str | Path, reason: str) -> None:
         super().__init__(f"refusing to load classifier file {str(path)!r}: {reason}")
-        self.path = path if isinstance(path, Path) or is_remote(path) else Path(path)
+        self.path = path if isinstance(path, Path) or is_url(path) else Path(path)
 
 
 def _type_name(obj: Any) -> str:
@@ -124,9 +123,9 @@ def _classifier_from_payload(path: str | Path, payload: Any) -> FittedClassifier
 
 def load_classifier(path: str | Path, storage_options: dict[str, Any] | None = None) -> FittedClassifier:
     """Load a classifier written by save_classifier (local path or URL), refusing anything outside the allow-list."""
-    if not is_remote(path):
+    if not is_url(path):
         path = Path(path)
-    data = read_url(path, storage_options)
+    data = read_input(path, storage_options)
     _audit_schema(path, data)
     try:
         untrusted = set(sio.get_untrusted_types(data=data))

@@ -22,8 +22,8 @@ from codetrain.bundle import DEFAULT_OPSET, make_bundle
 from codetrain.errors import InvalidInputError, MissingInputError, reports_user_errors
 from codetrain.modelcard import model_card, write_model_card
 from codetrain.runlayout import BundleFiles, EvalFiles, RunLayout
-from codetrain.storage import Store
 from d3builder.storage.hub import HubError, check_upload, upload_folder
+from d3builder.storage.store import Store, open_store
 
 DEFAULT_LICENSE = "apache-2.0"
 """The card's license unless --license says otherwise: the weights are yours to license."""
@@ -39,10 +39,11 @@ class PublishedModel:
 
 
 def _results(evaluation: Store, run_dir: str | Path) -> dict:
-    if not evaluation.exists(EvalFiles.RESULTS_JSON):
-        raise MissingInputError(f"no {evaluation.location_text(EvalFiles.RESULTS_JSON)}: run `codetrain evaluate --run {run_dir} "
+    path = evaluation.root / EvalFiles.RESULTS_JSON
+    if not evaluation.exists(path):
+        raise MissingInputError(f"no {evaluation.url(path)}: run `codetrain evaluate --run {run_dir} "
                                 "--data D3DIR` first (the card reports it)")
-    return json.loads(evaluation.read_text(EvalFiles.RESULTS_JSON))
+    return evaluation.read_json(path)
 
 
 def publish_model(
@@ -64,9 +65,9 @@ def publish_model(
         api = check_upload(repo_id, api) if repo_id else None
     except HubError as exc:
         raise InvalidInputError(str(exc)) from exc
-    evaluation = Store.open(eval_dir) if eval_dir is not None else RunLayout.open(run_dir).eval_store()
+    evaluation = open_store(eval_dir, writable=False) if eval_dir is not None else RunLayout.open(run_dir, writable=False).eval_store()
     results = _results(evaluation, run_dir)
-    folder = Path(make_bundle(run_dir, out_dir, evaluation.url, overwrite, opset))
+    folder = Path(make_bundle(run_dir, out_dir, evaluation.url(), overwrite, opset))
     train_yaml = folder / BundleFiles.TRAIN_CONFIG
     train_config = (yaml.safe_load(train_yaml.read_text(encoding="utf-8")) or {}) if train_yaml.is_file() else {}
     bundle_config = json.loads((folder / BundleFiles.CONFIG).read_text(encoding="utf-8"))

@@ -15,7 +15,7 @@ from sklearn.manifold import TSNE
 
 from codetrain.embed import REAL_GENERATOR, Embeddings
 from codetrain.robustness import UNITS
-from d3builder.storage.shards import atomic_write_bytes
+from d3builder.storage.store import atomic_write_bytes
 
 CSV_COLUMNS = (
     "detector", "classifier", "split", "subset", "n", "acc", "acc_real", "acc_fake", "acc_balanced", "auc", "ap", "threshold",
@@ -256,7 +256,7 @@ def plot_robustness(rows: Sequence[Mapping[str, Any]], clean: Sequence[Mapping[s
     clean_by = {(r["detector"], r["classifier"]): r for r in clean}
     fig = Figure(figsize=(4 * len(families), 4))
     axes = fig.subplots(1, len(families), squeeze=False)[0]
-    for ax, family in zip(axes, families):
+    for ax, family in zip(axes, families, strict=True):
         mine = [r for r in rows if r["family"] == family]
         levels = list(dict.fromkeys(r["level"] for r in mine))
         ticks = ["clean", *(f"{v:g}" for v in levels)]

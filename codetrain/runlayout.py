@@ -10,7 +10,7 @@ RUN/eval/  report.md results.csv results.json roc.json robustness.{csv,png}
            baselines/{detector}/classifiers/
 BUNDLE/model.safetensors model.onnx config.json train_config.yaml classifiers/
 ```
-RUN may be a local folder or an fsspec URL (see `codetrain.storage`).
+RUN may be a local folder or an fsspec URL (a `d3builder.storage.store.Store`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
-from codetrain.storage import Store
+from d3builder.storage.store import Store, open_store
 
 MODEL_FILE = "model.safetensors"
 """The embedder's weights, in a run folder, a checkpoint and a bundle."""
@@ -134,22 +134,23 @@ class RunLayout:
     EVAL = "eval"
 
     @classmethod
-    def open(cls, root: str | Path | Store, storage_options: Mapping[str, Any] | None = None) -> RunLayout:
-        """The layout of the run folder at a local path or URL."""
-        return cls(Store.open(root, storage_options))
+    def open(cls, root: str | Path | Store, storage_options: Mapping[str, Any] | None = None,
+             writable: bool = True) -> RunLayout:
+        """The layout of the run folder at a local path or URL (`writable=False`: any URL fsspec reads)."""
+        return cls(open_store(root, storage_options, writable))
 
-    def checkpoint_name(self, step: int) -> str:
-        """`checkpoints/step-{step}`, relative to the run folder."""
-        return f"{self.CHECKPOINTS}/step-{int(step)}"
+    def path(self, name: str) -> PurePath:
+        """The path of a file of the run folder on its store, e.g. `layout.path(RunLayout.CONFIG)`."""
+        return self.store.root / name
 
     def checkpoint(self, step: int) -> Store:
         """The folder of the checkpoint at `step`."""
-        return self.store.child(self.checkpoint_name(step))
+        return self.store.child(self.CHECKPOINTS, f"step-{int(step)}")
 
-    def checkpoint_folders(self) -> list[tuple[int, str]]:
-        """(step, name) of every step-{n} folder, complete or not, oldest first."""
-        found = [(int(m.group(1)), f"{self.CHECKPOINTS}/{n}") for n in self.store.names(self.CHECKPOINTS)
-                 if (m := _STEP_DIR.match(n))]
+    def checkpoint_folders(self) -> list[tuple[int, PurePath]]:
+        """(step, folder path) of every step-{n} folder, complete or not, oldest first."""
+        found = [(int(m.group(1)), path) for path in self.store.listdir(self.path(self.CHECKPOINTS))
+                 if (m := _STEP_DIR.match(path.name))]
         return sorted(found)
 
     def eval_store(self) -> Store:

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from codetrain.errors import MissingInputError
+from codetrain.errors import MissingInputError, read_input
 from codetrain.runlayout import RunLayout
-from codetrain.storage import Store, read_url
+from d3builder.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _lines(rows: Sequence[dict[str, Any]]) -> str:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Every JSON line of a metrics file (local path or URL; a missing file gives an empty list)."""
     try:
-        text = read_url(path).decode("utf-8")
+        text = read_input(path).decode("utf-8")
     except MissingInputError:
         return []
     return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -58,21 +58,21 @@ class RunLog:
 
     def __init__(self, run: Store, tensorboard: bool = True, resume_step: int | None = None) -> None:
         """Open the log; on resume keep only rows up to `resume_step` (later ones will be redone)."""
-        self.store = run
-        rows = read_metrics(run.location_text(RunLayout.METRICS)) if resume_step is not None else []
+        self.store, self.path = run, run.root / RunLayout.METRICS
+        rows = read_metrics(run.url(self.path)) if resume_step is not None else []
         self.rows = [r for r in rows if r.get("step", 0) <= resume_step] if resume_step is not None else []
         self.flush()
         self.writer = None
-        if tensorboard and run.is_local:
-            self.writer = _tensorboard_writer(run.local_path(RunLayout.TENSORBOARD))
+        if tensorboard and run.local:
+            self.writer = _tensorboard_writer(Path(run.root, RunLayout.TENSORBOARD))
         elif tensorboard:
-            log.info("TensorBoard logs are written for local run folders only; %s has metrics.jsonl", run.url)
+            log.info("TensorBoard logs are written for local run folders only; %s has metrics.jsonl", run.url())
 
     def write(self, row: dict[str, Any]) -> None:
         """Add one row (appended to a local file at once) and its numeric values to TensorBoard."""
         self.rows.append(row)
-        if self.store.is_local:
-            with open(self.store.local_path(RunLayout.METRICS), "a", encoding="utf-8") as fh:
+        if self.store.local:
+            with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(_lines([row]))
         if self.writer is not None:
             kind = RowKind(row.get("kind", RowKind.TRAIN)).value
@@ -82,7 +82,7 @@ class RunLog:
 
     def flush(self) -> None:
         """Write the whole file (atomic: one object upload on an object store)."""
-        self.store.write_text(RunLayout.METRICS, _lines(self.rows))
+        self.store.write_text(self.path, _lines(self.rows))
 
     def close(self) -> None:
         """Flush, and close TensorBoard."""

@@ -211,10 +211,10 @@ def refuse_shared_files(uses: Sequence[Use], flags: str) -> None:
 def run_training_files(run: RunLayout) -> list[str]:
     """The files a run was trained on, from its saved config (empty when the run or its data cannot be read)."""
     try:
-        if not run.store.exists(RunLayout.CONFIG):
+        if not run.store.exists(run.path(RunLayout.CONFIG)):
             return []
-        config = load_config(run.store.location_text(RunLayout.CONFIG))
+        config = load_config(run.store.url(run.path(RunLayout.CONFIG)))
         return open_source(config.data).shards(config.train_split) if config.data else []
     except (UserError, ValueError, OSError) as exc:
-        log.warning("cannot list the training data of %s (%s): not checked against the test splits", run.store.url, exc)
+        log.warning("cannot list the training data of %s (%s): not checked against the test splits", run.store.url(), exc)
         return []

@@ -28,7 +28,7 @@ from codetrain.losses import GLOBAL_KEYS, LOCAL_KEYS, LossOutput, code_loss
 from codetrain.model import CoDEEmbedder, create_embedder, load_weights, weights_bytes
 from codetrain.runlayout import CheckpointFiles, RunLayout
 from codetrain.runlog import RowKind, RunLog, loss_curve_png
-from codetrain.storage import Location, Store, storage_defaults
+from d3builder.storage.store import Location, Store, storage_defaults
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Trainer:
         self.store = self.layout.store
         checkpoints = ckpt.list_checkpoints(self.layout)
         if checkpoints and not config.resume:
-            raise InvalidInputError(f"{self.store.url} already holds checkpoints: pass --resume to continue, "
+            raise InvalidInputError(f"{self.store.url()} already holds checkpoints: pass --resume to continue, "
                                     "or choose another --run")
         self.accelerator = make_accelerator(config)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
@@ -199,9 +199,9 @@ class Trainer:
         self.progress = _Progress()
         resume_from = self.layout.checkpoint(checkpoints[-1].step) if config.resume and checkpoints else None
         if config.resume and resume_from is None:
-            log.warning("--resume: no checkpoint in %s/%s, starting from scratch", self.store.url, RunLayout.CHECKPOINTS)
+            log.warning("--resume: no checkpoint in %s, starting from scratch", self.store.url(self.layout.path(RunLayout.CHECKPOINTS)))
         if resume_from is not None:
-            load_weights(self.model, resume_from.location_text(CheckpointFiles.MODEL), config.storage_options)
+            load_weights(self.model, resume_from.url(resume_from.root / CheckpointFiles.MODEL), config.storage_options)
         self.ddp_model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         if resume_from is not None:
             self._restore(resume_from)
@@ -209,7 +209,7 @@ class Trainer:
         self.val_history: list[dict[str, Any]] = []
         self.runlog: RunLog | None = None
         if self.accelerator.is_main_process:
-            self.store.write_text(RunLayout.CONFIG, config_yaml(config))
+            self.store.write_text(self.layout.path(RunLayout.CONFIG), config_yaml(config))
             self.runlog = RunLog(self.store, config.tensorboard, self.progress.step if resume_from else None)
         self.accelerator.wait_for_everyone()
 
@@ -220,14 +220,14 @@ class Trainer:
         optimizer_state, state = ckpt.load_train_state(folder)
         saved = (state.get("world_size"), state.get("config", {}).get("batch_size"))
         if saved != (self.world, self.config.batch_size):
-            raise InvalidInputError(f"{folder.url} was written by {saved[0]} process(es) at batch_size {saved[1]}; "
+            raise InvalidInputError(f"{folder.url()} was written by {saved[0]} process(es) at batch_size {saved[1]}; "
                                     f"resume with the same (now {self.world} at {self.config.batch_size})")
         self.optimizer.load_state_dict(optimizer_state)
         if self.accelerator.scaler is not None and state.get("scaler"):
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.progress = _Progress(**state["progress"])
         ckpt.load_process_rng(folder, self.rank)
-        log.info("resumed from %s (step %d, epoch %d)", folder.url, self.progress.step, self.progress.epoch)
+        log.info("resumed from %s (step %d, epoch %d)", folder.url(), self.progress.step, self.progress.epoch)
 
     def save_checkpoint(self) -> Location:
         """Write RUN/checkpoints/step-{n} (all processes take part), mark it complete, prune old ones."""
@@ -238,7 +238,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         ckpt.save_process_rng(folder, self.rank)
         if self.accelerator.is_main_process:
-            folder.write_bytes(CheckpointFiles.MODEL, weights_bytes(self.model))
+            folder.write_bytes(folder.root / CheckpointFiles.MODEL, weights_bytes(self.model))
             scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
             ckpt.save_train_state(folder, self.optimizer.state_dict(), {
                 "progress": self.progress.to_dict(), "scaler": scaler, "world_size": self.world,
@@ -334,7 +334,7 @@ class Trainer:
         if p.best_val_acc is None or acc > p.best_val_acc:
             p.best_val_acc, p.best_step, p.bad_validations = acc, p.step, 0
             if self.accelerator.is_main_process:
-                self.store.write_bytes(RunLayout.MODEL, weights_bytes(self.model))
+                self.store.write_bytes(self.layout.path(RunLayout.MODEL), weights_bytes(self.model))
         else:
             p.bad_validations += 1
         row = {"kind": RowKind.VAL.value, "step": p.step, "epoch": p.epoch, **metrics,
@@ -418,14 +418,14 @@ class Trainer:
         p = self.progress
         if self.accelerator.is_main_process:
             if p.best_step is None:
-                self.store.write_bytes(RunLayout.MODEL, weights_bytes(self.model))
+                self.store.write_bytes(self.layout.path(RunLayout.MODEL), weights_bytes(self.model))
             if self.runlog is not None:
                 self.runlog.close()
                 png = loss_curve_png(self.runlog.rows)
                 if png is not None:
-                    self.store.write_bytes(RunLayout.LOSS_CURVE, png)
+                    self.store.write_bytes(self.layout.path(RunLayout.LOSS_CURVE), png)
         self.accelerator.wait_for_everyone()
-        return TrainResult(self.store.location(), self.store.location(RunLayout.MODEL), p.step, p.epoch, p.best_val_acc,
+        return TrainResult(self.store.location(), self.store.location(self.layout.path(RunLayout.MODEL)), p.step, p.epoch, p.best_val_acc,
                            p.best_step, stopped_early, dict(self.losses), list(self.val_history), self.rank)
 
 

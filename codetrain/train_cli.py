@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args, TrainConfig)
     base = args.config
     if base is None and overrides.get("resume") and overrides.get("run"):
-        saved = RunLayout.open(overrides["run"]).store
-        base = saved.location_text(RunLayout.CONFIG) if saved.exists(RunLayout.CONFIG) else None
+        saved = RunLayout.open(overrides["run"])
+        base = saved.store.url(saved.path(RunLayout.CONFIG)) if saved.store.exists(saved.path(RunLayout.CONFIG)) else None
     result = train(load_config(base, overrides, TrainConfig))
     if result.rank != 0:
         return 0

@@ -1,7 +1,10 @@
-"""Session-wide test setup: the tiny generator twins are built once per test run, in a private folder."""
+"""Session-wide test setup: the tiny generator twins are built once per test run, in a private folder; the local
+S3 server (`s3kit`) is started once, on first use."""
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,3 +20,21 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(CACHE_ENV, str(folder))
         yield folder
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator:
+    """The session's S3 server (s3kit.S3Server: moto on 127.0.0.1, a free port)."""
+    from s3kit import s3_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket, with the standard AWS_* variables pointing at the server; returns `s3://bucket`."""
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    return s3.bucket(f"test-{uuid.uuid4().hex[:12]}")

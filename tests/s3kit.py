@@ -1,4 +1,13 @@
-"""A real local S3-compatible server for tests: moto's ThreadedMotoServer on 127.0.0.1 (a free port), s3fs as the client."""
+"""A real local S3-compatible server for tests: moto's ThreadedMotoServer on 127.0.0.1 (a free port), s3fs as the client.
+
+The fixtures `s3` (one server per test session) and `s3_bucket` (a fresh bucket per test, with the AWS_*
+environment pointing at the server) live in conftest.py:
+
+    def test_x(s3_bucket: str, s3: S3Server) -> None:   # "s3://<fresh bucket>"; s3.storage_options, s3.filesystem()
+
+The environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) reach s3fs in this process and in the
+worker processes a test starts, so code under test needs no options at all.
+"""
 
 from __future__ import annotations
 
@@ -53,7 +62,7 @@ class S3Server:
 
 @contextlib.contextmanager
 def s3_server() -> Iterator[S3Server]:
-    """Start moto's S3 server on 127.0.0.1 (port 0: any free port) and stop it afterwards."""
+    """moto's S3 server on 127.0.0.1 (port 0: any free port), stopped when the block ends."""
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -61,3 +70,4 @@ def s3_server() -> Iterator[S3Server]:
         yield S3Server(f"http://{host}:{port}")
     finally:
         server.stop()
+

@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from genkit import make_records, one_thread, save_manifest  # noqa: F401 - fixtures
-from s3fixtures import s3, s3_bucket  # noqa: F401 - fixtures
 
 from d3builder.recipe.manifest import Manifest
 from d3builder.storage.layout import DataLayout

@@ -10,7 +10,7 @@ import fsspec
 import numpy as np
 import pytest
 import yaml
-from s3kit import S3Server, s3_server
+from s3kit import S3Server
 from shardkit import make_d3_shards
 from test_detect import GOOD, write_images
 
@@ -18,11 +18,12 @@ from codetrain import checkpoint as ckpt
 from codetrain.cli import main
 from codetrain.config import EvalConfig, TrainConfig
 from codetrain.detect import detect
+from codetrain.errors import MissingInputError, read_input
 from codetrain.evaluate import evaluate
 from codetrain.runlayout import CheckpointFiles, EvalFiles, RunLayout
 from codetrain.runlog import read_metrics
-from codetrain.storage import StorageError, Store, local_folder
 from codetrain.train import train
+from d3builder.storage.store import StorageError, open_store
 
 SMALL = dict(model="test_vit", img_size=32, local_size=16, batch_size=4, log_every=1, progress=False, tensorboard=False,
              precision="fp32", val_split=None, max_steps=4, epochs=4, checkpoint_every=2, keep_checkpoints=0,
@@ -45,28 +46,34 @@ def no_url_named_folders(folder: Path) -> None:
 
 
 def test_store_writes_reads_and_lists_on_memory(tmp_path: Path) -> None:
-    store = Store.open("memory://store-test/run")
-    assert not store.is_local and not store.exists()
-    assert store.write_bytes("a/b.json", b"{}") == "memory://store-test/run/a/b.json"
-    store.write_text("c.txt", "hello")
-    assert store.read_bytes("a/b.json") == b"{}" and store.read_text("c.txt") == "hello"
-    assert store.names() == ["a", "c.txt"] and store.files() == ["a/b.json", "c.txt"]
-    assert store.child("a").files() == ["b.json"] and store.child("a").location() == "memory://store-test/run/a"
+    store = open_store("memory://store-test/run")
+    assert not store.local and not store.exists(store.root)
+    written = store.write_bytes(store.root / "a" / "b.json", b"{}")
+    assert store.location(written) == "memory://store-test/run/a/b.json"
+    store.write_text(store.root / "c.txt", "hello")
+    assert store.read_bytes(store.root / "a" / "b.json") == b"{}" and store.read_text(store.root / "c.txt") == "hello"
+    assert [p.name for p in store.listdir(store.root)] == ["a", "c.txt"]
+    assert [store.relative(p) for p in store.find()] == ["a/b.json", "c.txt"]
+    child = store.child("a")
+    assert [child.relative(p) for p in child.find()] == ["b.json"] and child.location() == "memory://store-test/run/a"
     with pytest.raises(FileNotFoundError, match="memory://store-test/run/missing.bin"):
-        store.read_bytes("missing.bin")
-    store.remove("a", recursive=True)
-    assert store.files() == ["c.txt"]
-    with pytest.raises(RuntimeError), local_folder(store.child("out")) as scratch:
+        store.read_bytes(store.root / "missing.bin")
+    with pytest.raises(MissingInputError, match="memory://store-test/run/missing.bin does not exist"):
+        read_input("memory://store-test/run/missing.bin")
+    store.remove_tree(store.root / "a")
+    assert [store.relative(p) for p in store.find()] == ["c.txt"]
+    with pytest.raises(RuntimeError), store.child("out").local_workspace() as scratch:
         (scratch / "x.txt").write_text("never uploaded")
         raise RuntimeError("the block failed")
-    assert not store.exists("out")
-    with local_folder(store.child("out"), last=["last.json"]) as scratch:
+    assert not store.exists(store.root / "out")
+    with store.child("out").local_workspace(last=["last.json"]) as scratch:
         (scratch / "last.json").write_text("{}")
         (scratch / "sub").mkdir()
         (scratch / "sub" / "x.txt").write_text("x")
-    assert store.child("out").files() == ["last.json", "sub/x.txt"]
-    local = Store.open(f"file://{tmp_path}/run")
-    assert local.is_local and local.write_bytes("m.bin", b"1") == tmp_path / "run" / "m.bin"
+    out = store.child("out")
+    assert [out.relative(p) for p in out.find()] == ["last.json", "sub/x.txt"]
+    local = open_store(f"file://{tmp_path}/run")
+    assert local.local and local.location(local.write_bytes(local.root / "m.bin", b"1")) == tmp_path / "run" / "m.bin"
     assert not list((tmp_path / "run").glob(".*tmp*"))
 
 
@@ -82,36 +89,37 @@ def test_unsupported_schemes_fail_in_one_line_naming_scheme_and_package(
     d3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scheme, package = missing_filesystem_scheme()
-    with pytest.raises(StorageError, match=f"{scheme}:// scheme needs a package that is not installed: pip install {package}"):
-        Store.open(f"{scheme}://bucket/run")
-    with pytest.raises(StorageError, match="unsupported URL scheme nosuch://"):
-        Store.open("nosuch://bucket/run")
+    with pytest.raises(StorageError, match=f"{scheme}:// filesystem is not installed: pip install {package}"):
+        open_store(f"{scheme}://bucket/run")
+    with pytest.raises(StorageError, match="unknown storage scheme nosuch://"):
+        open_store("nosuch://bucket/run")
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--data", str(d3), "--run", f"{scheme}://bucket/run", "--model", "test_vit"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"pip install {package}" in err and "Traceback" not in err
     assert main(["detect", "--run", "nosuch://bucket/run", str(tmp_path)]) == 2
-    assert "unsupported URL scheme nosuch://" in capsys.readouterr().err
+    assert "unknown storage scheme nosuch://" in capsys.readouterr().err
     no_url_named_folders(tmp_path)
 
 
 def test_train_resume_and_evaluate_on_memory(d3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     data, run = "memory://codetrain-test/d3", "memory://codetrain-test/run"
-    Store.open(data).upload(d3)
+    open_store(data).upload(d3)
     full = train(TrainConfig(**SMALL, data=data, run=run))
     assert sorted(full.losses) == [1, 2, 3, 4] and full.run_dir == run and full.model_path == f"{run}/model.safetensors"
     layout = RunLayout.open(run)
-    names = layout.store.files()
+    names = [layout.store.relative(p) for p in layout.store.find()]
     for name in (RunLayout.CONFIG, RunLayout.MODEL, RunLayout.METRICS, RunLayout.LOSS_CURVE):
         assert name in names, name
     assert [c.step for c in ckpt.list_checkpoints(run)] == [2, 4]
-    assert json.loads(layout.checkpoint(4).read_text(CheckpointFiles.COMPLETE))["files"] == sorted(
-        n for n in layout.checkpoint(4).files() if n != CheckpointFiles.COMPLETE)
+    step4 = layout.checkpoint(4)
+    assert step4.read_json(step4.root / CheckpointFiles.COMPLETE)["files"] == sorted(
+        step4.relative(p) for p in step4.find() if p.name != CheckpointFiles.COMPLETE)
     assert not [n for n in names if "tmp" in n or "partial" in n]
     assert [r["step"] for r in read_metrics(f"{run}/{RunLayout.METRICS}") if r["kind"] == "train"] == [1, 2, 3, 4]
     # A crash while step 4 was being saved: its folder lacks the marker, so step 2 is where a resume starts.
-    layout.checkpoint(4).remove(CheckpointFiles.COMPLETE)
+    step4.remove(step4.root / CheckpointFiles.COMPLETE)
     assert ckpt.latest_checkpoint(run) == f"{run}/checkpoints/step-2"
     resumed = train(TrainConfig(**SMALL, data=data, run=run, resume=True))
     assert resumed.losses == {k: full.losses[k] for k in (3, 4)}
@@ -119,23 +127,17 @@ def test_train_resume_and_evaluate_on_memory(d3: Path, tmp_path: Path, monkeypat
     result = evaluate(EvalConfig(run=run, data=data, fit_split="validation", classifiers=["linear"],
                                  robustness_levels={"jpeg": [50.0]}, progress=False))
     assert result.out_dir == f"{run}/eval" and result.files[EvalFiles.REPORT] == f"{run}/eval/{EvalFiles.REPORT}"
-    eval_files = layout.eval_store().files()
+    evaluation = layout.eval_store()
+    eval_files = [evaluation.relative(p) for p in evaluation.find()]
     for name in (EvalFiles.REPORT, EvalFiles.RESULTS_JSON, "classifiers/classifiers.json", "classifiers/linear.skops",
                  EvalFiles.cache_file("code", "validation")):
         assert name in eval_files, name
-    assert json.loads(layout.eval_store().read_text(EvalFiles.RESULTS_JSON))["results"] == json.loads(json.dumps(result.results))
+    assert evaluation.read_json(evaluation.root / EvalFiles.RESULTS_JSON)["results"] == json.loads(json.dumps(result.results))
     write_images(tmp_path / "images")
     found = detect(run, [tmp_path / "images"], out_csv=f"{run}/detections.csv", progress=False)
     assert len(found.detections) == len(GOOD) and found.csv_path == f"{run}/detections.csv"
-    assert layout.store.read_text("detections.csv").count("\n") == 1 + len(GOOD) + 2
+    assert layout.store.read_text(layout.path("detections.csv")).count("\n") == 1 + len(GOOD) + 2
     no_url_named_folders(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def s3() -> S3Server:
-    """A local S3 server for this module."""
-    with s3_server() as server:
-        yield server
 
 
 @pytest.mark.slow

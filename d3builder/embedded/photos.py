@@ -23,7 +23,7 @@ from PIL import Image
 from d3builder.embedded.server import serve_folder
 from d3builder.storage.layout import safe_name
 from d3builder.storage.schema import LAION_COLUMNS
-from d3builder.storage.shards import atomic_write_bytes
+from d3builder.storage.store import atomic_write_bytes
 
 CAPTIONS_FILE = "embedded_captions.yaml"
 DEFAULT_PORT = 8765
@@ -198,7 +198,7 @@ def prepare_photos(folder: str | Path | None = None) -> list[PhotoInfo]:
     folder = Path(folder) if folder is not None else default_photo_folder()
     folder.mkdir(parents=True, exist_ok=True)
     infos = []
-    for spec, expected in zip(photo_specs(), photo_infos()):
+    for spec, expected in zip(photo_specs(), photo_infos(), strict=True):
         path = folder / spec.filename
         size = _existing_size(path, spec) if path.is_file() else None
         if size != (expected.width, expected.height):
@@ -242,12 +242,12 @@ def write_metadata(folder_or_file: str | Path, base_url: str, num_files: int = 2
         if not 1 <= num_files <= table.num_rows:
             raise ValueError(f"num_files must be between 1 and {table.num_rows}, got {num_files}")
         bounds = np.linspace(0, table.num_rows, num_files + 1).round().astype(int)
-        parts = [table.slice(start, stop - start) for start, stop in zip(bounds[:-1], bounds[1:])]
+        parts = [table.slice(start, stop - start) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
         paths = [target / metadata_filename(i) for i in range(num_files)]
         stale = set(target.glob(metadata_filename(0).replace("part-00000", "part-*"))) - set(paths)
         for path in stale:
             path.unlink()
-    for path, part in zip(paths, parts):
+    for path, part in zip(paths, parts, strict=True):
         buffer = io.BytesIO()
         pq.write_table(part, buffer, compression="snappy")
         atomic_write_bytes(path, buffer.getvalue())

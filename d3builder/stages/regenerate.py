@@ -39,7 +39,7 @@ from d3builder.generators.runtime import LoadedGenerator, load_generator
 from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
 from d3builder.recipe.manifest import Manifest
 from d3builder.storage.layout import DataLayout, extension, shard_number
-from d3builder.storage.shards import atomic_write_bytes
+from d3builder.storage.store import atomic_write_bytes
 
 META_COLUMNS = ["id", "status", "seed", "width", "height", "prompt", "negative_prompt", "encoding",
                 "num_inference_steps", "guidance_scale", "scheduler", "model", "model_revision"]

@@ -17,7 +17,7 @@ from d3builder.storage.card import (
     split_info,
     split_shards,
 )
-from d3builder.storage.shards import atomic_write_bytes
+from d3builder.storage.store import atomic_write_bytes
 
 LICENSE_NAME = "laion-terms-and-generator-licenses"
 LICENSE_FILE = "LICENSE.md"

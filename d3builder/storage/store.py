@@ -10,13 +10,18 @@ botocore read; `GOOGLE_APPLICATION_CREDENTIALS` for GCS); `storage_options` (the
     store = open_store("s3://bucket/d3", {"client_kwargs": {...}})   # StorageError: one line naming the scheme
     path = store.root / "records" / "00000.parquet"   # a pathlib.Path for local roots, a PurePosixPath elsewhere
     store.url(path)                                    # "s3://bucket/d3/records/00000.parquet", for messages
+    store.location(path)                               # a local Path, or that URL (what results report)
     store.exists(path), store.isfile(path), store.glob(store.root / "records" / "*.parquet"), store.size(path)
+    store.listdir(folder), store.find(folder)          # a folder's entries; every file below it
     with store.open(path) as fh: ...                   # read (binary)
-    store.read_bytes(path), store.read_json(path), store.read_table(path, columns), store.parquet_file(path)
-    store.write_bytes(path, data), store.write_json(path, obj)         # atomic (below)
-    with store.atomic_file(path) as fh: ...            # a large file, committed only if the block succeeds
+    store.read_bytes(path), store.read_text(path), store.read_json(path), store.read_table(path, columns)
+    store.write_bytes(path, data), store.write_text(path, text), store.write_json(path, obj)   # atomic (below)
+    with store.atomic_writer(path) as fh: ...          # a large file, committed only if the block succeeds
     store.create_exclusive(path, data) -> bool         # False when the object already exists (claims)
     store.remove(path), store.remove_tree(path), store.remove_temporaries(path)
+    store.child("eval")                                # the store of a folder below the root
+    store.upload(local_folder, path), store.download(path, local_folder)
+    with store.local_workspace() as folder: ...        # a local folder whose files land in the store at the end
 
 Paths of remote stores are PurePosixPaths: they have no I/O methods, so code that forgets the store fails
 loudly instead of writing a local folder named `s3:`.
@@ -28,18 +33,23 @@ reader never sees a half file. `create_exclusive` is O_EXCL on POSIX and a condi
 (`If-None-Match: *`) on S3.
 
 `atomic_write_bytes(where, data)` / `atomic_write_json(where, obj)` take a local path or a URL, for callers
-without a Store (codetrain's run folder).
+without a Store. `storage_defaults(urls, options)` makes a config's `storage_options` fsspec's defaults while
+a command runs, for code that opens URLs without taking options (dataset readers, DataLoader workers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import errno
 import io
 import json
+import logging
 import os
 import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePath, PurePosixPath
 from typing import IO, Any, Callable
 
@@ -58,9 +68,19 @@ WRITABLE_SCHEMES = ("file", "local", "memory", "s3", "s3a", "gs", "gcs")
 TEMP_MARK = ".tmp-"
 """Temporary siblings of a local file are named `.{name}.tmp-{pid}-{random}`."""
 
+Location = Path | str
+"""Where a file lies, as results report it: a local Path, or a URL on another filesystem."""
+
+log = logging.getLogger(__name__)
+
 
 class StorageError(UsageError, ValueError):
     """A storage URL that cannot be used (unknown scheme, filesystem not installed, read-only); one line."""
+
+
+def json_bytes(obj: Any) -> bytes:
+    """`obj` as the JSON documents of a store are written: indented, keys sorted, one trailing newline."""
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
 
 
 def _scheme(url: str) -> str | None:
@@ -74,16 +94,25 @@ def is_url(location: str | PurePath) -> bool:
     return _scheme(str(location)) not in (None, "file", "local")
 
 
-def _filesystem_class(url: str, protocol: str) -> type[fsspec.AbstractFileSystem]:
+def install_hint(protocol: str) -> str:
+    """What to install for `protocol`: `pip install PACKAGE` for a filesystem in its own package, else fsspec's hint."""
+    known = known_implementations.get(protocol, {})
+    package = known.get("class", "").split(".")[0]
+    if package and package != "fsspec":
+        return f"pip install {package}"
+    return known.get("err") or f"install the fsspec filesystem for {protocol}"
+
+
+def _filesystem_class(url: str, protocol: str, writable: bool) -> type[fsspec.AbstractFileSystem]:
     """The fsspec class of `protocol`, or a StorageError naming the scheme and the package to install."""
     try:
         return fsspec.get_filesystem_class(protocol)
     except ImportError as exc:
-        hint = known_implementations.get(protocol, {}).get("err") or f"install the fsspec filesystem for {protocol}"
-        raise StorageError(f"{url}: the {protocol}:// filesystem is not installed: {hint}") from exc
+        raise StorageError(f"{url}: the {protocol}:// filesystem is not installed: {install_hint(protocol)}") from exc
     except ValueError as exc:
-        raise StorageError(f"{url}: unknown storage scheme {protocol}:// (writable: "
-                           f"{', '.join(s + '://' for s in WRITABLE_SCHEMES)} or a local path)") from exc
+        known = (f"writable: {', '.join(s + '://' for s in WRITABLE_SCHEMES)} or a local path" if writable
+                 else "no fsspec filesystem implements it")
+        raise StorageError(f"{url}: unknown storage scheme {protocol}:// ({known})") from exc
 
 
 def fsync_dir(path: Path) -> None:
@@ -154,7 +183,7 @@ class AtomicFile:
 class Store:
     """One root on one fsspec filesystem; see the module docstring for the API."""
 
-    def __init__(self, url: str | Path, storage_options: dict[str, Any] | None = None, writable: bool = True) -> None:
+    def __init__(self, url: str | Path, storage_options: Mapping[str, Any] | None = None, writable: bool = True) -> None:
         url = str(url)
         protocol = _scheme(url)
         options = dict(storage_options or {})
@@ -163,11 +192,10 @@ class Store:
             self.root: PurePath = Path(url if protocol is None else LocalFileSystem._strip_protocol(url))
             self.local = True
         else:
+            cls = _filesystem_class(url, protocol, writable)  # an unknown or missing filesystem is named first
             if writable and protocol not in WRITABLE_SCHEMES:
-                _filesystem_class(url, protocol)  # an unknown or missing filesystem is named first
                 raise StorageError(f"{url}: {protocol}:// is read-only here; write to a local path or one of "
                                    f"{', '.join(s + '://' for s in WRITABLE_SCHEMES if s not in ('file', 'local'))}")
-            cls = _filesystem_class(url, protocol)
             if protocol in ("s3", "s3a"):
                 options.setdefault("use_listings_cache", False)  # other workers change the listings under us
             try:
@@ -181,9 +209,26 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({self.url_text!r})"
 
-    def url(self, path: PurePath) -> str:
-        """`path` as the user knows it: a local path, or a URL with its scheme (for messages and stats)."""
-        return str(path) if self.local else self.fs.unstrip_protocol(str(path))
+    def url(self, path: PurePath | None = None) -> str:
+        """`path` (default: the root) as the user knows it: a local path, or a URL as given (for messages and stats)."""
+        path = self.root if path is None else path
+        if self.local:
+            return str(path)
+        if PurePath(path).is_relative_to(self.root):
+            relative = self.relative(path)
+            return self.url_text.rstrip("/") + ("" if relative == "." else f"/{relative}")
+        return self.fs.unstrip_protocol(str(path))
+
+    def location(self, path: PurePath | None = None) -> Location:
+        """`path` (default: the root) as results report it: a local Path, or its URL."""
+        return Path(self.root if path is None else path) if self.local else self.url(path)
+
+    def child(self, *names: str) -> Store:
+        """The store of a folder below the root (same filesystem and options)."""
+        sub = copy.copy(self)
+        sub.root = self.root.joinpath(*names)
+        sub.url_text = self.url(sub.root)
+        return sub
 
     def relative(self, path: PurePath) -> str:
         """`path` relative to the root, POSIX style (what stats files record)."""
@@ -231,6 +276,14 @@ class Store:
             return []
         return sorted(PurePosixPath(n) for n in names if PurePosixPath(n) != PurePosixPath(path))
 
+    def find(self, path: PurePath | None = None) -> list[PurePath]:
+        """Every file below a folder (default: the root), sorted; [] when it does not exist."""
+        path = self.root if path is None else path
+        if self.local:
+            return sorted(p for p in Path(path).rglob("*") if p.is_file())
+        self._fresh(path)
+        return sorted(PurePosixPath(p) for p in self.fs.find(str(path))) if self.fs.isdir(str(path)) else []
+
     def open(self, path: PurePath, mode: str = "rb") -> IO[bytes]:
         """Open a file for reading (binary); writes go through `atomic_file` or `write_bytes`."""
         if "r" not in mode:
@@ -238,7 +291,15 @@ class Store:
         return self.fs.open(str(path), mode)
 
     def read_bytes(self, path: PurePath) -> bytes:
-        return self.fs.cat_file(str(path))
+        """A whole file; FileNotFoundError naming its URL when it is absent."""
+        try:
+            return self.fs.cat_file(str(path))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(errno.ENOENT, "no such file", self.url(path)) from exc
+
+    def read_text(self, path: PurePath) -> str:
+        """A UTF-8 text file."""
+        return self.read_bytes(path).decode("utf-8")
 
     def read_json(self, path: PurePath) -> Any:
         return json.loads(self.read_bytes(path))
@@ -263,11 +324,16 @@ class Store:
         return AtomicFile(self, path)
 
     @contextlib.contextmanager
-    def atomic_writer(self, path: PurePath) -> Iterator[IO[bytes]]:
-        """`with store.atomic_writer(path) as fh:` commits `path` when the block ends without error."""
+    def atomic_writer(self, path: PurePath, encoding: str | None = None) -> Iterator[IO]:
+        """`with store.atomic_writer(path) as fh:` commits `path` when the block ends without error.
+
+        With `encoding`, `fh` takes text (newlines written as given, as the csv module wants)."""
         target = self.atomic_file(path)
+        handle = target.file if encoding is None else io.TextIOWrapper(target.file, encoding=encoding, newline="")
         try:
-            yield target.file
+            yield handle
+            if encoding is not None:
+                handle.detach()  # flushes the text into the file, which stays open for the commit
         except BaseException:
             target.discard()
             raise
@@ -282,9 +348,13 @@ class Store:
             self.fs.pipe_file(str(path), data)
         return path
 
+    def write_text(self, path: PurePath, text: str) -> PurePath:
+        """Write a UTF-8 text file atomically."""
+        return self.write_bytes(path, text.encode("utf-8"))
+
     def write_json(self, path: PurePath, obj: Any) -> PurePath:
         """Write a JSON document atomically."""
-        return self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+        return self.write_bytes(path, json_bytes(obj))
 
     def create_exclusive(self, path: PurePath, data: bytes) -> bool:
         """Create `path` holding `data` unless it exists (POSIX O_EXCL, S3 If-None-Match); False when it existed."""
@@ -335,29 +405,85 @@ class Store:
             stale.unlink(missing_ok=True)
         return found
 
+    def upload(self, folder: Path, path: PurePath | None = None, last: Iterable[str] = ()) -> list[PurePath]:
+        """Copy every file of a local folder below `path` (default: the root), one atomic write each.
+
+        The `last` files (names relative to `folder`) are written after all the others."""
+        path = self.root if path is None else path
+        names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        late = [n for n in last if n in names]
+        return [self.write_bytes(path / name, (folder / name).read_bytes()) for name in
+                [n for n in names if n not in late] + late]
+
+    def download(self, path: PurePath, folder: Path) -> int:
+        """Copy every file below `path` into a local folder; returns how many."""
+        found = self.find(path)
+        for source in found:
+            target = folder / PurePath(source).relative_to(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.read_bytes(source))
+        return len(found)
+
+    @contextlib.contextmanager
+    def local_workspace(self, preload: Iterable[str] = (), last: Iterable[str] = ()) -> Iterator[Path]:
+        """A local folder whose files end up in the store: the root itself when local, else a temporary folder uploaded
+        when the block ends (nothing is uploaded when it raises).
+
+        For a remote store the files below each `preload` name are downloaded first (e.g. a cache) and the `last`
+        names are uploaded after all the others."""
+        if self.local:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+            yield Path(self.root)
+            return
+        with tempfile.TemporaryDirectory(prefix="d3code-") as scratch:
+            folder = Path(scratch)
+            for name in preload:
+                self.download(self.root / name, folder / name)
+            yield folder
+            log.info("uploaded %d files to %s", len(self.upload(folder, last=last)), self.url())
+
     def scratch(self, *parts: str) -> Path:
         """A local working folder for one job (img2dataset's files): under the root when local, else under TMPDIR."""
         if self.local:
             return Path(self.root, ".tmp", *parts)
-        import tempfile
-
         key = uuid.uuid5(uuid.NAMESPACE_URL, self.url_text).hex[:12]
         return Path(tempfile.gettempdir(), f"d3builder-scratch-{key}", *parts)
 
 
-def open_store(url: str | Path, storage_options: dict[str, Any] | None = None, writable: bool = True) -> Store:
-    """The Store of `url` (checked now: an unknown or missing filesystem raises StorageError)."""
-    return Store(url, storage_options, writable)
+def open_store(url: str | Path | Store, storage_options: Mapping[str, Any] | None = None, writable: bool = True) -> Store:
+    """The Store of `url` (checked now: an unknown or missing filesystem raises StorageError); a Store as it is."""
+    return url if isinstance(url, Store) else Store(url, storage_options, writable)
 
 
-def atomic_write_bytes(where: str | Path, data: bytes, storage_options: dict[str, Any] | None = None) -> Path | str:
-    """Write bytes to a local path (temp sibling, fsync, rename) or a URL (one object); returns `where`."""
+@contextlib.contextmanager
+def storage_defaults(urls: Iterable[str | Path | None], storage_options: Mapping[str, Any] | None) -> Iterator[None]:
+    """Make `storage_options` fsspec's defaults for the schemes of the remote `urls` while the block runs.
+
+    Code that opens those URLs without taking options (shard readers, DataLoader workers forked meanwhile)
+    then uses the same credentials and endpoint."""
+    schemes = {_scheme(str(u)) for u in urls if u and is_url(u)}
+    if not storage_options or not schemes:
+        yield
+        return
+    saved = {s: fsspec.config.conf.get(s) for s in schemes}
+    for scheme in schemes:
+        fsspec.config.conf[scheme] = {**(saved[scheme] or {}), **storage_options}
+    try:
+        yield
+    finally:
+        for scheme, value in saved.items():
+            if value is None:
+                fsspec.config.conf.pop(scheme, None)
+            else:
+                fsspec.config.conf[scheme] = value
+
+
+def atomic_write_bytes(where: str | Path, data: bytes, storage_options: Mapping[str, Any] | None = None) -> Location:
+    """Write bytes to a local path (temp sibling, fsync, rename) or a URL (one object); returns its location."""
     store = open_store(where, storage_options)
-    store.write_bytes(store.root, data)
-    return Path(store.root) if store.local else str(where)
+    return store.location(store.write_bytes(store.root, data))
 
 
-def atomic_write_json(where: str | Path, obj: Any, storage_options: dict[str, Any] | None = None) -> Path | str:
+def atomic_write_json(where: str | Path, obj: Any, storage_options: Mapping[str, Any] | None = None) -> Location:
     """Write a JSON document atomically to a local path or a URL."""
-    return atomic_write_bytes(where, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(),
-                              storage_options)
+    return atomic_write_bytes(where, json_bytes(obj), storage_options)
