@@ -83,17 +83,17 @@ def test_validator_reports_duplicates_and_corrupt_images(tmp_path: Path) -> None
     path = write_shard([d3_row("1"), d3_row("1"), bad], tmp_path / "s.parquet", schema.d3_features())
     report = validate_shard(path, schema.d3_features())
     assert report.rows == 3
-    assert any("duplicate id '1'" in e for e in report.errors)
-    assert any("'2'" in e and "image_gen1" in e for e in report.errors)
+    assert any("duplicate id '1'" in str(d) for d in report.defects)
+    assert any("'2'" in str(d) and "image_gen1" in str(d) for d in report.defects)
 
 
 def test_validator_reports_schema_mismatch_and_unreadable_file(tmp_path: Path) -> None:
     path = write_shard([d3_row("1", num_generators=3)], tmp_path / "s.parquet", schema.d3_features(3))
     report = validate_shard(path, schema.d3_features(4))
-    assert any("missing column 'image_gen3'" in e for e in report.errors)
+    assert any("missing column 'image_gen3'" in str(d) for d in report.defects)
     junk = tmp_path / "junk.parquet"
     junk.write_bytes(b"not parquet")
-    assert "not a readable Parquet file" in validate_shard(junk).errors[0]
+    assert "not a readable Parquet file" in str(validate_shard(junk).defects[0])
 
 
 def test_published_elsa_layout_is_accepted(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-import pyarrow as pa
 from datasets import Features
 from tqdm import tqdm
 
@@ -35,42 +34,26 @@ from d3builder.storage.schema import (
     elsa_features,
     generator_slots,
 )
-from d3builder.storage.shards import DEFAULT_ROW_GROUP_SIZE, decode_image
+from d3builder.storage.shards import (
+    DEFAULT_ROW_GROUP_SIZE,
+    Defect,
+    ShardReport,
+    check_rows,
+    open_parquet,
+    schema_defects,
+)
 from d3builder.storage.store import Store, open_store
 
 SOURCE_OF = {augm: split for split, augm in AUGM_SPLITS.items()}
 """The split each transformed split copies (test_augm: test, fit_augm: fit): the only one its ids may also be in."""
 
 
-@dataclass(frozen=True)
-class Defect:
-    """One problem, named by file and, where it applies, record id and column."""
-
-    file: str
-    message: str
-    record: str | None = None
-    column: str | None = None
-
-    def __str__(self) -> str:
-        where = [self.file]
-        if self.record is not None:
-            where.append(f"record {self.record!r}")
-        if self.column is not None:
-            where.append(f"column {self.column!r}")
-        return f"{': '.join(where)}: {self.message}"
-
-
 @dataclass
-class ShardCheck:
-    """What checking one shard found."""
+class ShardCheck(ShardReport):
+    """What checking one shard of a dataset found: the shard report, its group, and its model id per generator column."""
 
-    path: str
-    group: str
-    rows: int = 0
-    images: int = 0
-    ids: list[str] = field(default_factory=list)
+    group: str = ""
     models: dict[str, str] = field(default_factory=dict)
-    defects: list[Defect] = field(default_factory=list)
 
 
 @dataclass
@@ -131,23 +114,12 @@ def expected_features(names: list[str], group: str) -> tuple[Features, str]:
     return d3_features(count), "d3"
 
 
-def _schema_defects(path: str, schema: pa.Schema, group: str) -> list[Defect]:
-    names = schema.names
+def _slot_defects(check: ShardCheck, names: list[str]) -> None:
     slots = generator_slots(names)
-    defects = []
     if slots != list(range(len(slots))):
-        defects.append(Defect(path, f"generator slots {slots} are not numbered 0..{len(slots) - 1}"))
+        check.add(f"generator slots {slots} are not numbered 0..{len(slots) - 1}")
     if not slots:
-        defects.append(Defect(path, "no image_gen{i} column: not a D3 shard"))
-    features, kind = expected_features(names, group)
-    for name, feature in features.items():
-        if name not in names:
-            defects.append(Defect(path, f"missing column (expected by the {kind} schema)", column=name))
-            continue
-        want = Features({name: feature}).arrow_schema.field(name).type
-        if schema.field(name).type != want:
-            defects.append(Defect(path, f"type {schema.field(name).type}, expected {want}", column=name))
-    return defects
+        check.add("no image_gen{i} column: not a D3 shard")
 
 
 def check_shard(path: str, group: str, batch_size: int = DEFAULT_ROW_GROUP_SIZE,
@@ -155,75 +127,37 @@ def check_shard(path: str, group: str, batch_size: int = DEFAULT_ROW_GROUP_SIZE,
     """Check one shard alone: schema, pairing, ids unique, one model per generator column, every image decodes.
 
     `path` is a local path or a URL (opened with `storage_options`)."""
-    check = ShardCheck(path, group)
+    check = ShardCheck(path, group=group)
     store = open_store(path, storage_options, writable=False)
-    try:
-        parquet = store.parquet_file(store.root)
-        schema = parquet.schema_arrow
-    except (OSError, pa.ArrowException) as exc:
-        check.defects.append(Defect(path, f"not a readable Parquet file: {exc}"))
+    parquet = open_parquet(check, store.root, store)
+    if parquet is None:
         return check
-    check.defects += _schema_defects(path, schema, group)
-    if "id" not in schema.names:
-        return check
-    slots = generator_slots(schema.names)
-    image_columns = (["image_real"] if "image_real" in schema.names else []) + [f"image_gen{s}" for s in slots]
-    model_columns = [f"model_gen{s}" for s in slots if f"model_gen{s}" in schema.names]
-    split_column = ["split"] if "split" in schema.names and not group.startswith("extended/") else []
+    names = parquet.schema_arrow.names
+    _slot_defects(check, names)
+    schema_defects(check, parquet.schema_arrow, *expected_features(names, group))
+    slots = generator_slots(names)
+    image_columns = (["image_real"] if "image_real" in names else []) + [f"image_gen{s}" for s in slots]
+    model_columns = [f"model_gen{s}" for s in slots if f"model_gen{s}" in names]
+    split_column = ["split"] if "split" in names and not group.startswith("extended/") else []
     models: dict[str, set[str]] = {c: set() for c in model_columns}
-    seen: set[str] = set()
-    try:
-        for batch in parquet.iter_batches(
-            batch_size=batch_size, columns=["id", *split_column, *model_columns, *image_columns]
-        ):
-            for row in batch.to_pylist():
-                _check_row(check, row, seen, image_columns, models, split_column)
-    except (OSError, pa.ArrowException) as exc:
-        check.defects.append(Defect(path, f"unreadable after {check.rows} rows: {exc}"))
+
+    def pairing(report: ShardReport, row: dict, record: str | None) -> None:
+        if split_column and row["split"] != group:
+            report.add(f"split is {row['split']!r} in a {group!r} shard", record, "split")
+        for column, values in models.items():
+            if row[column] is None:
+                report.add("no model id", record, column)
+            else:
+                values.add(row[column])
+
+    check_rows(check, parquet, image_columns, require_images=True, columns=[*split_column, *model_columns],
+               row_check=pairing, batch_size=batch_size)
     for column, values in models.items():
         if len(values) > 1:
-            check.defects.append(Defect(path, f"not constant within the shard: {sorted(values)}", column=column))
+            check.add(f"not constant within the shard: {sorted(values)}", column=column)
         elif values:
             check.models[column] = next(iter(values))
     return check
-
-
-def _check_row(
-    check: ShardCheck,
-    row: dict,
-    seen: set[str],
-    image_columns: list[str],
-    models: dict[str, set[str]],
-    split_column: list[str],
-) -> None:
-    check.rows += 1
-    record = row["id"]
-    if record is None:
-        check.defects.append(Defect(check.path, f"row {check.rows - 1} has no id", column="id"))
-    elif record in seen:
-        check.defects.append(Defect(check.path, "duplicate id within the shard", record=record, column="id"))
-    else:
-        seen.add(record)
-        check.ids.append(record)
-    if split_column and row["split"] != check.group:
-        check.defects.append(
-            Defect(check.path, f"split is {row['split']!r} in a {check.group!r} shard", record, "split")
-        )
-    for column, values in models.items():
-        if row[column] is None:
-            check.defects.append(Defect(check.path, "no model id", record, column))
-        else:
-            values.add(row[column])
-    for column in image_columns:
-        cell = row[column]
-        if cell is None or cell.get("bytes") is None:
-            check.defects.append(Defect(check.path, "image missing (record not paired)", record, column))
-            continue
-        check.images += 1
-        try:
-            decode_image(cell)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is a defect to report
-            check.defects.append(Defect(check.path, f"image does not decode: {exc}", record, column))
 
 
 def _group_of(path: PurePath, d3_dir: PurePath) -> str:
@@ -380,7 +314,7 @@ def validate_dataset(
     report = ValidationReport(Path(data_dir) if store.local else data_dir)
     if store.local and has_records(Path(data_dir)):
         report.completeness = check_completeness(Path(data_dir), generators)
-    gaps = [Defect(g.file, g.message, g.record) for g in (report.completeness.gaps if report.completeness else [])]
+    gaps = report.completeness.gaps if report.completeness else []
     jobs = [(store.url(path), group) for group, paths in groups.items() for path in paths]
     if not jobs:
         report.defects += [Defect(store.url(d3_dir), "no Parquet shards found"), *gaps]

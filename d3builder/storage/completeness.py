@@ -19,19 +19,11 @@ import pyarrow.parquet as pq
 
 from d3builder.storage.layout import TRANSFORM_STAGE, DataLayout, safe_name
 from d3builder.storage.schema import AUGM_SPLIT, AUGM_SPLITS
+from d3builder.storage.shards import Defect
 
 SELECT, FETCH, GENERATE, ASSEMBLE, TRANSFORM = "select", "fetch-real", "generate", "assemble", TRANSFORM_STAGE
 """The stats folder of each stage (as each stage names it)."""
 SUCCESS = "success"
-
-
-@dataclass(frozen=True)
-class Gap:
-    """One thing missing, named by file and, where it applies, record."""
-
-    file: str
-    message: str
-    record: str | None = None
 
 
 @dataclass
@@ -52,7 +44,7 @@ class Completeness:
     """Whether transform-test ran at all (an optional stage: only a partial run is a gap)."""
     lost: set[tuple[int, str]] = field(default_factory=set)
     """(shard, id) of every record that is neither in d3/ nor dropped for a recorded reason."""
-    gaps: list[Gap] = field(default_factory=list)
+    gaps: list[Defect] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         """The completeness summary, one stage per line."""
@@ -113,7 +105,7 @@ class _Shard:
         self.report, self.layout, self.shard = report, layout, shard
 
     def gap(self, path: Path, message: str, record: str | None = None) -> None:
-        self.report.gaps.append(Gap(str(path), message, record))
+        self.report.gaps.append(Defect(str(path), message, record))
 
     def lost(self, record: str) -> None:
         self.report.lost.add((self.shard, record))
@@ -266,12 +258,12 @@ def check_completeness(root: str | Path, generators: list[str] | None = None) ->
         declared = int(_json(select_stats).get("shards", len(shards)))
         shards = sorted(set(shards) | set(range(declared)))
     else:
-        report.gaps.append(Gap(str(select_stats), "missing: select never finished (run `d3builder select`)"))
+        report.gaps.append(Defect(str(select_stats), "missing: select never finished (run `d3builder select`)"))
     report.shards = len(shards)
     report.transform_ran = (layout.root / "stats" / TRANSFORM).is_dir()
     for shard in shards:
         _Shard(report, layout, shard).check()
     kept = _json(select_stats).get("kept")
     if kept is not None and kept != report.selected:
-        report.gaps.append(Gap(str(select_stats), f"says {kept} records selected, records/ holds {report.selected}"))
+        report.gaps.append(Defect(str(select_stats), f"says {kept} records selected, records/ holds {report.selected}"))
     return report

@@ -101,53 +101,132 @@ def decode_image(cell: dict | None) -> PILImage.Image:
     return image
 
 
+@dataclass(frozen=True)
+class Defect:
+    """One problem, named by file and, where it applies, record id and column."""
+
+    file: str
+    message: str
+    record: str | None = None
+    column: str | None = None
+
+    def __str__(self) -> str:
+        where = [self.file]
+        if self.record is not None:
+            where.append(f"record {self.record!r}")
+        if self.column is not None:
+            where.append(f"column {self.column!r}")
+        return f"{': '.join(where)}: {self.message}"
+
+
 @dataclass
 class ShardReport:
-    """What `validate_shard` found in one shard."""
+    """What checking one shard found: rows, images present, the ids in order, and every defect."""
 
     path: str
     rows: int = 0
-    errors: list[str] = field(default_factory=list)
+    images: int = 0
+    ids: list[str] = field(default_factory=list)
+    defects: list[Defect] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.errors
+        return not self.defects
+
+    def add(self, message: str, record: str | None = None, column: str | None = None) -> None:
+        """Record a defect of this shard."""
+        self.defects.append(Defect(self.path, message, record, column))
 
 
-def validate_shard(path: str | Path, expected: Features | None = None, decode_images: bool = True) -> ShardReport:
-    """Check a shard: readable, schema as expected, unique ids, every image decodes."""
-    report = ShardReport(str(path))
+RowCheck = Callable[[ShardReport, dict, str | None], None]
+"""An extra check of one row (the report, the row, its record id) that `check_rows` runs after its own."""
+
+
+def open_parquet(report: ShardReport, path: PurePath, store: Store) -> pq.ParquetFile | None:
+    """The shard's ParquetFile, or None with a defect in `report` when it is not a readable Parquet file."""
     try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowInvalid) as exc:
-        report.errors.append(f"{path}: not a readable Parquet file: {exc}")
-        return report
-    if expected is not None:
-        for name, feature in expected.items():
-            if name not in schema.names:
-                report.errors.append(f"{path}: missing column {name!r}")
-                continue
-            want = Features({name: feature}).arrow_schema.field(name).type
-            if schema.field(name).type != want:
-                report.errors.append(f"{path}: column {name!r} has type {schema.field(name).type}, expected {want}")
-    image_columns = [n for n, f in (expected or read_features(path) or {}).items() if isinstance(f, Image)]
-    image_columns = [n for n in image_columns if n in schema.names]
+        parquet = store.parquet_file(path)
+        parquet.schema_arrow  # noqa: B018 - reading the footer is the check
+    except (OSError, pa.ArrowException) as exc:
+        report.add(f"not a readable Parquet file: {exc}")
+        return None
+    return parquet
+
+
+def schema_defects(report: ShardReport, schema: pa.Schema, expected: Features, kind: str = "expected") -> None:
+    """Add a defect for each column of `expected` that the schema lacks or holds with another Arrow type."""
+    for name, feature in expected.items():
+        if name not in schema.names:
+            report.add(f"missing column {name!r} (in the {kind} schema)", column=name)
+            continue
+        want = Features({name: feature}).arrow_schema.field(name).type
+        if schema.field(name).type != want:
+            report.add(f"type {schema.field(name).type}, expected {want}", column=name)
+
+
+def check_rows(
+    report: ShardReport,
+    parquet: pq.ParquetFile,
+    image_columns: Sequence[str],
+    decode_images: bool = True,
+    require_images: bool = False,
+    columns: Sequence[str] = (),
+    row_check: RowCheck | None = None,
+    batch_size: int = DEFAULT_ROW_GROUP_SIZE,
+) -> None:
+    """Read every row (ids, images, `columns`): ids present and unique, images decode, missing ones a defect when
+    `require_images`; then `row_check`. A shard without an id column is not read (its schema check says why)."""
+    if "id" not in parquet.schema_arrow.names:
+        return
     seen: set[str] = set()
-    for row in iter_rows(path, ["id", *image_columns] if "id" in schema.names else image_columns):
-        report.rows += 1
-        record = row.get("id", f"row {report.rows - 1}")
-        if "id" in row:
-            if record in seen:
-                report.errors.append(f"{path}: duplicate id {record!r}")
-            seen.add(record)
-        if decode_images:
-            for column in image_columns:
-                if row[column] is None:
-                    continue
-                try:
-                    decode_image(row[column])
-                except Exception as exc:  # noqa: BLE001 - any decoder failure is a defect to report
-                    report.errors.append(f"{path}: record {record!r} column {column!r}: image does not decode: {exc}")
+    try:
+        for batch in parquet.iter_batches(batch_size=batch_size, columns=list(dict.fromkeys(["id", *columns, *image_columns]))):
+            for row in batch.to_pylist():
+                report.rows += 1
+                record = row["id"]
+                if record is None:
+                    report.add(f"row {report.rows - 1} has no id", column="id")
+                elif record in seen:
+                    report.add(f"duplicate id {record!r} within the shard", record, "id")
+                else:
+                    seen.add(record)
+                    report.ids.append(record)
+                if row_check is not None:
+                    row_check(report, row, record)
+                for column in image_columns:
+                    _check_image(report, row[column], record, column, decode_images, require_images)
+    except (OSError, pa.ArrowException) as exc:
+        report.add(f"unreadable after {report.rows} rows: {exc}")
+
+
+def _check_image(report: ShardReport, cell: dict | None, record: str | None, column: str, decode: bool,
+                 required: bool) -> None:
+    if cell is None or cell.get("bytes") is None:
+        if required:
+            report.add("image missing (record not paired)", record, column)
+        return
+    report.images += 1
+    if decode:
+        try:
+            decode_image(cell)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a defect to report
+            report.add(f"image does not decode: {exc}", record, column)
+
+
+def validate_shard(path: str | PurePath, expected: Features | None = None, decode_images: bool = True,
+                   store: Store | None = None) -> ShardReport:
+    """Check a shard: readable, schema as expected, unique ids, every image present decodes."""
+    store = store or LOCAL
+    report = ShardReport(store.url(PurePath(path)))
+    parquet = open_parquet(report, PurePath(path), store)
+    if parquet is None:
+        return report
+    schema = parquet.schema_arrow
+    if expected is not None:
+        schema_defects(report, schema, expected)
+    features = expected or read_features(path, store) or {}
+    image_columns = [n for n, f in features.items() if isinstance(f, Image) and n in schema.names]
+    check_rows(report, parquet, image_columns, decode_images)
     return report
 
 
