@@ -108,6 +108,9 @@ class GenerateConfig:
     """Seconds per image per generator on the target GPU (e.g. throughput-h100.yaml): sizes the units."""
     max_unit_minutes: float = 30.0
     """With `throughput`, a records shard is split into parts of at most this much GPU time each."""
+    render_failed_reals: bool = False
+    """Render every selected record, also those whose real image was not fetched (assemble drops them); by
+    default only fetched records are rendered, and records fetch-real recovers later are topped up."""
 
     def validate(self) -> None:
         if self.batch_size < 1:

@@ -60,9 +60,8 @@ class AssembleJob(UnitJob):
     def outputs(self, unit: Unit) -> list[PurePath]:
         return [self.layout.d3(split, unit.shard) for split in SPLITS]
 
-    def input_stats(self, unit: Unit) -> list[PurePath]:
-        return [self.layout.stats("fetch-real", unit.shard),
-                *(self.layout.stats("generate", unit.shard, g) for g in self.manifest.generators)]
+    def input_units(self, unit: Unit) -> list[Unit]:
+        return [Unit("fetch-real", unit.shard), *(Unit("generate", unit.shard, g) for g in self.manifest.generators)]
 
     def size(self, unit: Unit) -> int:
         path = self.layout.records(unit.shard)

@@ -80,8 +80,8 @@ class JoinJob(UnitJob):
     def outputs(self, unit: Unit) -> list[PurePath]:
         return [self.layout.extended(self.generator, unit.shard)]
 
-    def input_stats(self, unit: Unit) -> list[PurePath]:
-        return [self.layout.stats("fetch-real", unit.shard), self.layout.stats(GENERATE, unit.shard, self.generator)]
+    def input_units(self, unit: Unit) -> list[Unit]:
+        return [Unit("fetch-real", unit.shard), Unit(GENERATE, unit.shard, self.generator)]
 
     def compute(self, ctx: UnitContext) -> UnitWork:
         layout, store, shard, started = self.layout, self.store, ctx.unit.shard, time.time()
