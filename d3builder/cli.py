@@ -20,12 +20,13 @@ COMMAND_MODULES: list[str] = [
     "d3builder.stages.validate",
     "d3builder.stages.publish",
     "d3builder.stages.status",
+    "d3builder.cluster.commands",
 ]
 """Modules that each define `add_parser(subparsers)`; their order is the order in `--help`."""
 
 DESCRIPTION = (
     "Rebuild the D3 dataset: select LAION records, fetch real images, generate fakes, "
-    "assemble paired shards, build the test sets, validate, publish."
+    "assemble paired shards, build the test sets, validate, publish; run the stages on a cluster."
 )
 
 

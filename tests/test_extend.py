@@ -31,7 +31,7 @@ def test_extend_writes_loadable_one_slot_test_shards(records: Manifest, tmp_path
     layout = records.layout
     render, join = extend(records, progress=False)
     assert (render.group, join.group) == ("sd15-tiny", "sd15-tiny")
-    assert render.complete and join.complete and render.counts["success"] == 2  # 1003 and 1007: the test records
+    assert render.complete and join.complete and render.counts["success"] == 1  # 1003: 1007's real was not fetched
     assert join.counts["test"] == 1 and join.reasons == {"real_failed": 1}
     assert [layout.gen("sd15-tiny", k).is_file() for k in (0, 1, 2)] == [True, True, True]
     assert pq.read_metadata(layout.gen("sd15-tiny", 0)).num_rows == 0  # no test record in shard 0

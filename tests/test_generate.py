@@ -132,7 +132,8 @@ def test_done_shards_are_skipped(records: Manifest, generated: dict) -> None:
 
 def test_cli_speed_flags_reach_the_pipeline_and_the_stats(records: Manifest, tmp_path: Path) -> None:
     """`d3builder generate` flags: --shards, --batch-size, --no-sdpa, --channels-last are applied and recorded."""
-    shutil.copytree(records.layout.root / "records", tmp_path / "records")
+    for folder in ("records", "real", "stats/fetch-real"):  # only fetched records are rendered: reals are read
+        shutil.copytree(records.layout.root / folder, tmp_path / folder)
     argv = ["generate", "-m", str(records.path), "--output-root", str(tmp_path), "-g", "sd14-tiny",
             "--shards", "2", "--batch-size", "3", "--no-sdpa", "--channels-last"]
     assert cli.main(argv) == 0

@@ -1,9 +1,11 @@
 """Failed generation is retried, not stamped done: out-of-memory batches rendered in halves, failed records
-redone by --retry-failed (generate and extend), big shards split into parts that merge into the same shard."""
+redone by --retry-failed (generate and extend), big shards split into parts that merge into the same shard; only
+fetched reals are rendered, and records fetch-real recovers later are topped up."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,6 +16,7 @@ from genkit import make_records, one_thread, save_manifest  # noqa: F401 - fixtu
 from d3builder import cli
 from d3builder.generators.render import generate_shards
 from d3builder.generators.runtime import LoadedGenerator
+from d3builder.stages.assemble import assemble_dataset
 from d3builder.stages.extend import extend
 from d3builder.stages.regenerate import regenerate
 from d3builder.storage.runner import UnitOutcome
@@ -132,3 +135,47 @@ def test_big_shards_go_by_parts_and_merge_into_the_same_shard(tmp_path: Path) ->
         (parted.layout.root / "gen" / GENERATOR / "parts").iterdir())  # merged parts are removed
     (again,) = regenerate(parted, GENERATOR, ["1009"], out_dir=tmp_path / "again")
     assert again.match
+    rerun = generate_shards(parted, GENERATOR, progress=False)  # merged parts are not rendered again
+    assert rerun.shards(UnitOutcome.SKIPPED) == [0] and not rerun.units(UnitOutcome.DONE)
+
+
+def test_only_fetched_reals_are_rendered_and_records_recovered_later_are_topped_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    failed = {"1001": "real_failed", "1004": "real_failed"}  # sizes: 1003, 1004, 1006 and 1007 are 64x48
+    manifest = make_records(tmp_path / "data", 8, 8, batch_size=2, **failed)
+    layout = manifest.layout
+    renders = Renders(monkeypatch)
+    first = generate_shards(manifest, GENERATOR, progress=False)
+    fetched = ["1000", "1002", "1003", "1005", "1006", "1007"]
+    assert renders.ids == fetched and first.counts["success"] == 6  # no GPU time for fakes assemble would drop
+    planned = list(renders.batches)
+    before = rows(layout.gen(GENERATOR, 0))
+    assert sorted(before) == fetched
+    assert sum(assemble_dataset(manifest, progress=False).counts.values()) == 6
+    # fetch-real --retry-failed recovers 1004: its unit is redone (a newer finished_at), so generate's is stale
+    make_records(tmp_path / "data", 8, 8, batch_size=2, **{"1001": "real_failed"})
+    stats_path = layout.stats("fetch-real", 0)
+    stats_path.write_text(json.dumps({**json.loads(stats_path.read_text()), "finished_at": time.time()}))
+    renders.batches.clear()
+    topped = generate_shards(manifest, GENERATOR, progress=False)
+    assert renders.ids == ["1004"] and topped.shards(UnitOutcome.DONE) == [0] and topped.counts["success"] == 1
+    after = rows(layout.gen(GENERATOR, 0))
+    assert list(after) == [*before, "1004"] and all(after[i] == before[i] for i in before)  # appended, rest untouched
+    stats = json.loads(layout.stats("generate", 0, GENERATOR).read_text())
+    assert (stats["added"], stats["records"], stats["success"]) == (["1004"], 7, 7) and ["1004"] in stats["rebatched"]
+    assert generate_shards(manifest, GENERATOR, progress=False).shards(UnitOutcome.SKIPPED) == [0]  # up to date now
+    renders.batches.clear()
+    again = regenerate(manifest, GENERATOR, [*fetched, "1004"], out_dir=tmp_path / "again")
+    assert all(r.match for r in again)
+    assert sorted(renders.batches) == sorted([*planned, ["1004"]])  # 1007 alone as planned, not beside 1004
+    assembled = assemble_dataset(manifest, progress=False)
+    assert assembled.shards(UnitOutcome.DONE) == [0] and sum(assembled.counts.values()) == 7  # picked up
+
+
+def test_render_failed_reals_renders_every_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest = make_records(tmp_path / "data", 4, 4, batch_size=2, **{"1001": "real_failed"})
+    manifest.generate.render_failed_reals = True
+    manifest = save_manifest(manifest, manifest.path)
+    renders = Renders(monkeypatch)
+    assert generate_shards(manifest, GENERATOR, progress=False).counts["success"] == 4
+    assert renders.ids == ["1000", "1001", "1002", "1003"]

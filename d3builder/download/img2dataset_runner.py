@@ -55,7 +55,7 @@ def img2dataset_options(fetch: FetchConfig, num_rows: int) -> dict[str, Any]:
         "retries": fetch.retries,
         "user_agent_token": fetch.user_agent_token or None,
         "disallowed_header_directives": list(fetch.disallowed_header_directives),
-        "distributor": fetch.distributor,
+        "distributor": "multiprocessing",  # one run per fetch-real unit; units spread over nodes as workers
         # One img2dataset shard per process, so every process works on this records shard.
         "number_sample_per_shard": max(1, math.ceil(num_rows / processes)),
         "enable_wandb": False,

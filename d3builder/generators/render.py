@@ -14,11 +14,20 @@ A batch that raises is rendered again (`generate.batch_retries`), after out-of-m
 its records are recorded as failed; batches rendered other than planned are listed in the stats
 (`rebatched`). A done shard with failed records is redone record by record with `--retry-failed`.
 
+Only records whose real image was fetched (and decodes) are rendered, so no GPU time goes to fakes that
+`assemble` would drop: a generate unit reads `real/{k}.parquet` and waits for fetch-real's unit k (pipelined
+workers render shard k as soon as it is fetched). When `fetch-real --retry-failed` later recovers reals, the
+units of their shards are stale and a rerun of `generate` tops them up: it renders exactly the records now
+fetched that have no row yet, appended to the shard (listed in the stats under `added`, and their batches
+under `rebatched`). `generate.render_failed_reals: true` renders every record instead.
+
 Units are sized by work: with a throughput table (`generate.throughput`), a shard whose images take more
 than `generate.max_unit_minutes` of GPU time is split into parts, each a run of whole planned batches,
 committed as `gen/{g}/parts/`; a merge unit then writes `gen/{g}/{k}.parquet` exactly as one unit would
-(same batches, same rows in the same order). Because batches are a pure function of the stored rows (their
-order, sizes, the recorded batch size and `rebatched`), `regenerate` can rebuild any image's exact batch.
+(same batches, same rows in the same order). The number of parts follows from the records shard alone (so
+every worker cuts a shard the same way before its reals are fetched); the fetched records' batches are spread
+over them. Because batches are a pure function of the stored rows (their order, sizes, the recorded batch
+size, `rebatched` and `added`), `regenerate` can rebuild any image's exact batch.
 """
 
 from __future__ import annotations
@@ -113,14 +122,16 @@ def plan_batches(jobs: Iterable[Job], batch_size: int) -> list[list[Job]]:
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
-def replay_batches(jobs: Sequence[Job], batch_size: int,
-                   rebatched: Sequence[Sequence[str]] = ()) -> list[tuple[list[Job], set[str]]]:
-    """The batches stored rows were rendered in, each with the ids whose stored image it made: the plan,
-    except that an id of a `rebatched` group (from the stats) was made by the last group holding it."""
+def replay_batches(jobs: Sequence[Job], batch_size: int, rebatched: Sequence[Sequence[str]] = (),
+                   added: Sequence[str] = ()) -> list[tuple[list[Job], set[str]]]:
+    """The batches stored rows were rendered in, each with the ids whose stored image it made: the plan (of the
+    rows but those `added` later by a top-up), except that an id of a `rebatched` group (from the stats) was
+    made by the last group holding it."""
     by_id = {job.id: job for job in jobs}
     last = {record: index for index, group in enumerate(rebatched) for record in group}
+    later = set(added)
     batches = []
-    for batch in plan_batches(jobs, batch_size):
+    for batch in plan_batches([job for job in jobs if job.id not in later], batch_size):
         owns = {job.id for job in batch if job.id not in last}
         if owns:
             batches.append((batch, owns))
@@ -222,6 +233,7 @@ class GenerateJob(UnitJob):
         self.batch_retries = manifest.generate.batch_retries
         self.seconds_per_image = seconds_per_image
         self.max_unit_seconds = manifest.generate.max_unit_minutes * 60
+        self.render_failed_reals = manifest.generate.render_failed_reals
         self.backend: Backend | None = None
         self.columns = Columns(model=entry.model)
         self.software = software()
@@ -231,7 +243,8 @@ class GenerateJob(UnitJob):
     # -- units -------------------------------------------------------------------------------------------
 
     def parts(self, shard: int) -> int:
-        """Into how many parts shard `shard` is split: at most max_unit_minutes of GPU time each."""
+        """Into how many parts shard `shard` is split: at most max_unit_minutes of GPU time each (counted on
+        every record of the shard, fetched or not: the cut is known before fetch-real has run)."""
         if not self.seconds_per_image:
             return 1
         try:
@@ -257,9 +270,17 @@ class GenerateJob(UnitJob):
             return [self.layout.gen_part(self.entry.name, unit.shard, *unit.part)]
         return [self.layout.gen(self.entry.name, unit.shard)]
 
+    def input_units(self, unit: Unit) -> list[Unit]:
+        """fetch-real's unit of the same shard: only its fetched records are rendered."""
+        return [] if self.render_failed_reals else [Unit("fetch-real", unit.shard)]
+
+    def superseded(self, unit: Unit) -> bool:
+        """A part is not rendered again once its shard was merged (the merge removes the parts)."""
+        return unit.part is not None and self.store.isfile(self.stats_path(Unit(STAGE, unit.shard, self.entry.name)))
+
     def size(self, unit: Unit) -> int:
         try:
-            jobs, _ = self._jobs(unit.shard)
+            jobs = self.render_jobs(unit.shard)
         except BadInput:
             return 0
         if unit.part is None:
@@ -269,6 +290,27 @@ class GenerateJob(UnitJob):
 
     def done(self, unit: Unit, stats: dict[str, Any]) -> bool:
         return covers(stats, self.splits)
+
+    def fetched(self, shard: int) -> set[str] | None:
+        """Ids of the shard whose real image was fetched and decodes (None: render every record)."""
+        if self.render_failed_reals:
+            return None
+        path = self.layout.real(shard)
+        if not self.store.isfile(path):
+            raise BadInput(f"{self.layout.url(path)}: missing real shard: only records whose real image was fetched "
+                           "are rendered (run `d3builder fetch-real` first, or set generate.render_failed_reals: true)")
+        try:
+            table = self.store.read_table(path, columns=["id", "status"])
+        except (OSError, pa.ArrowException, KeyError) as exc:
+            raise BadInput(f"{self.layout.url(path)}: unreadable real shard: {exc}") from exc
+        return {i for i, status in zip(table["id"].to_pylist(), table["status"].to_pylist(), strict=True)
+                if status == "success"}
+
+    def render_jobs(self, shard: int) -> list[Job]:
+        """The jobs of the shard to render now: every selected record, or only those whose real was fetched."""
+        jobs, _ = self._jobs(shard)
+        fetched = self.fetched(shard)
+        return jobs if fetched is None else [j for j in jobs if j.id in fetched]
 
     def retryable(self, stats: dict[str, Any]) -> bool:
         return stats.get("failed", 0) > 0 and "part" not in stats
@@ -390,6 +432,7 @@ class GenerateJob(UnitJob):
             "duplicate_ids_skipped": duplicates,
             "encodings": dict(sorted(tally.encodings.items())),
             "splits": self.splits,
+            "render_failed_reals": self.render_failed_reals,
             "batch_size": self.batch_size,
             "batch_retries": self.batch_retries,
             "rebatched": list(self.rebatched),
@@ -410,11 +453,11 @@ class GenerateJob(UnitJob):
     def compute(self, ctx: UnitContext) -> UnitWork:
         """Render a shard (or one part of it), or merge its done parts."""
         unit, started = ctx.unit, time.time()
-        jobs, duplicates = self._jobs(unit.shard)
+        _, duplicates = self._jobs(unit.shard)
         parts = self.parts(unit.shard)
         if unit.part is None and parts > 1:
             return self.merge(ctx, parts)
-        batches = plan_batches(jobs, self.batch_size)
+        batches = plan_batches(self.render_jobs(unit.shard), self.batch_size)
         if unit.part is not None:
             batches = batches[part_slices(len(batches), parts)[unit.part[0]]]
         self.rebatched = []
@@ -513,6 +556,49 @@ class GenerateJob(UnitJob):
         }
         return tally.work(new_stats, len(redo))
 
+    def refresh(self, ctx: UnitContext, stats: dict[str, Any]) -> UnitWork:
+        """Top a done shard up after fetch-real redid its unit: render the records now fetched that have no row
+        yet and append them (other rows untouched, order kept). A part is rendered again whole."""
+        if ctx.unit.part is not None:
+            return self.compute(ctx)
+        started, shard = time.time(), ctx.unit.shard
+        output = self.layout.gen(self.entry.name, shard)
+        old = self.store.read_table(output)
+        have = set(old["id"].to_pylist())
+        missing = [j for j in self.render_jobs(shard) if j.id not in have]
+        self.rebatched = []
+        fresh: list[dict[str, Any]] = []
+        tally = Tally()
+        for batch in plan_batches(missing, self.batch_size):
+            ctx.check()
+            self.rebatched.append([j.id for j in batch])  # rendered apart from the shard's plan
+            for job, result, seconds in self.render_batch(batch):
+                row = self.row(job, result, seconds)
+                fresh.append(row)
+                tally.add(row, seconds)
+            ctx.advance(len(batch))
+        rows = old.to_pylist() + fresh
+        if fresh:
+            ctx.write_shard(rows, output, GEN_FEATURES)
+        merged = Tally()
+        for row in rows:
+            merged.add(row, 0.0)
+        topup = {"added": len(fresh), "success": tally.counts["success"], "at": time.time(),
+                 "seconds": round(time.time() - started, 3), "process_index": self.process_index}
+        new_stats = {
+            **stats,
+            "records": stats.get("records", len(have)) + len(fresh),
+            "success": merged.counts["success"],
+            "failed": merged.counts["failed"],
+            "failures_by_reason": dict(sorted(merged.reasons.items())),
+            "encodings": dict(sorted(merged.encodings.items())),
+            "rebatched": [*stats.get("rebatched", []), *self.rebatched],
+            "added": [*stats.get("added", []), *(row["id"] for row in fresh)],
+            "topups": [*stats.get("topups", []), topup],
+            "provenance": stats.get("provenance") or self.provenance,
+        }
+        return tally.work(new_stats, len(fresh))
+
 
 @dataclass
 class Tally:
@@ -581,13 +667,15 @@ def generate_shards(
     progress: bool = True,
     retry_failed: bool = False,
     wait: bool = True,
+    wait_inputs: bool = False,
 ) -> RunSummary:
     """Render this process's share of the records shards with one generator (done units are skipped).
 
     `registry` defaults to the manifest's registry files; `shards` to every records shard; `batch_size`
     to manifest.generate.batch_size; `speed` to SpeedOptions() (registry dtype, SDPA on, the rest off);
     `splits` (e.g. ["test"]) limits the records rendered (None: all); `retry_failed` also re-renders the
-    failed records of done shards. A bad registry, an unknown generator or bad options raise before any
+    failed records of done shards; `wait_inputs` waits for fetch-real units nobody has started yet (a worker
+    beside fetch-real's workers). A bad registry, an unknown generator or bad options raise before any
     shard is touched; no records shard at all is a UsageError (run select first)."""
     registry = manifest_registry(manifest) if registry is None else registry
     entry = registry_entry(registry, generator_name)
@@ -608,7 +696,7 @@ def generate_shards(
                       process_index=state.process_index, seconds_per_image=seconds_per_image(manifest, entry.name))
     mine = shards_for_process(every, state.process_index, state.num_processes)
     runner = manifest.runner(progress=progress and state.is_main_process, wait=wait, retry_failed=retry_failed,
-                             rank=state.process_index, world=state.num_processes)
+                             rank=state.process_index, world=state.num_processes, wait_inputs=wait_inputs)
     summary = runner.run(job, job.units(mine), group=entry.name)
     job.remove_parts(mine)
     return summary

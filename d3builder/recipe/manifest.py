@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ from d3builder.storage.lease import DEFAULT_LEASE_SECONDS
 from d3builder.storage.runner import DEFAULT_MAX_FAILED_FRACTION, UnitRunner
 from d3builder.storage.schema import SPLITS
 from d3builder.storage.store import StorageError
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_SOURCE = "embedded"
 """Metadata source naming the small LAION-format set that ships inside the package."""
@@ -85,14 +88,20 @@ class FetchConfig:
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
     """X-Robots-Tag directives that opt an image out (img2dataset's defaults: honoured unless emptied)."""
-    distributor: str = "multiprocessing"
     max_image_bytes: int = 50_000_000
     allow_private_addresses: bool = False
     """Download from hosts that are or resolve to loopback, private, link-local... addresses (off: refused)."""
+    distributor: str | None = None
+    """Removed: downloads spread over nodes as fetch-real units, one img2dataset run (multiprocessing) per unit."""
 
     def validate(self) -> None:
-        if self.distributor not in ("multiprocessing", "pyspark", "ray"):
-            raise ValueError(f"distributor must be multiprocessing, pyspark or ray, got {self.distributor!r}")
+        if self.distributor == "multiprocessing":
+            log.warning("fetch.distributor is deprecated and ignored (every fetch-real unit runs img2dataset with "
+                        "multiprocessing): delete it from the manifest")
+        elif self.distributor is not None:
+            raise ValueError(f"distributor: {self.distributor!r} is no longer supported: downloads spread over nodes "
+                             "as fetch-real units, each one img2dataset run on one node (`d3builder launch --stage "
+                             "fetch-real --workers N`); delete fetch.distributor")
 
 
 @dataclass
@@ -108,6 +117,9 @@ class GenerateConfig:
     """Seconds per image per generator on the target GPU (e.g. throughput-h100.yaml): sizes the units."""
     max_unit_minutes: float = 30.0
     """With `throughput`, a records shard is split into parts of at most this much GPU time each."""
+    render_failed_reals: bool = False
+    """Render every selected record, also those whose real image was not fetched (assemble drops them); by
+    default only fetched records are rendered, and records fetch-real recovers later are topped up."""
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -155,6 +167,89 @@ class UnitsConfig:
             raise ValueError("max_failed_fraction must be in [0, 1]")
 
 
+EXECUTOR_KINDS = ("local", "slurm", "ray")
+
+
+@dataclass
+class LocalExecutorConfig:
+    """Worker processes on this machine."""
+
+    gpus: list[int] | None = None
+    """GPU ids for generation workers, one worker per GPU (CUDA_VISIBLE_DEVICES); None: every visible GPU."""
+    max_restarts: int = 3
+    """A worker killed by a signal is started again this many times at most (its unit in flight is redone)."""
+
+
+@dataclass
+class SlurmExecutorConfig:
+    """A SLURM job array per stage through submitit: one single-GPU (or CPU) task per worker."""
+
+    partition: str | None = None
+    """Partition of GPU workers (None: the cluster's default)."""
+    cpu_partition: str | None = None
+    """Partition of CPU workers (fetch-real, assemble, ...; None: `partition`)."""
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = 240
+    """Time limit of one task; a task that times out or is preempted is requeued and resumes from the storage."""
+    array_parallelism: int = 256
+    """Tasks of one array running at once (slurm_array_parallelism)."""
+    gpu_gres: str = "gpu"
+    """The GPU generic resource: a GPU worker asks for `{gpu_gres}:1` (e.g. gpu:h100 gives gpu:h100:1)."""
+    cpus_per_gpu_worker: int = 8
+    cpus_per_cpu_worker: int = 16
+    """CPUs of a CPU worker: fetch-real runs img2dataset with fetch.processes processes."""
+    mem_gb: float | None = None
+    max_requeues: int = 3
+    """Requeues after a timeout before a task gives up (submitit's max_num_timeout); preemptions are free."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before each task, e.g. `source /path/to/.venv/bin/activate`."""
+    additional: dict[str, Any] = field(default_factory=dict)
+    """Further sbatch options (submitit's slurm_additional_parameters), e.g. {constraint: h100}."""
+    cluster: str = "slurm"
+    """`local` runs the same path through submitit's local executor (processes on this machine), to try it."""
+
+    def validate(self) -> None:
+        if self.cluster not in ("slurm", "local"):
+            raise ValueError(f"cluster must be slurm or local, got {self.cluster!r}")
+
+
+@dataclass
+class RayExecutorConfig:
+    """Ray tasks on an existing Ray cluster."""
+
+    address: str | None = "auto"
+    """`auto` (the cluster this node belongs to), `ray://head:10001`, or null: a local Ray instance."""
+    max_retries: int = 3
+    """A task whose worker or node dies is run again this many times at most."""
+    cpus_per_gpu_worker: float = 4.0
+    cpus_per_cpu_worker: float = 8.0
+    object_store_memory_mb: int | None = None
+    """Object store size of a local instance (address null); workers pass no data through it."""
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    """Ray runtime environment of the tasks (e.g. env_vars)."""
+
+
+@dataclass
+class ExecutorConfig:
+    """Which engine starts the workers of `d3builder launch` and `pipelines/full_d3.py`, and how."""
+
+    kind: str = "local"
+    gpus_per_generation_worker: int = 1
+    """GPUs of a generate/extend worker: 1 (one GPU = one worker), or 0 for generators that run on CPUs."""
+    log_dir: str = "cluster-logs"
+    """Local folder for worker logs and submitit's job files (on a filesystem every node sees, for SLURM)."""
+    local: LocalExecutorConfig = field(default_factory=LocalExecutorConfig)
+    slurm: SlurmExecutorConfig = field(default_factory=SlurmExecutorConfig)
+    ray: RayExecutorConfig = field(default_factory=RayExecutorConfig)
+
+    def validate(self) -> None:
+        if self.kind not in EXECUTOR_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(EXECUTOR_KINDS)}, got {self.kind!r}")
+        if self.gpus_per_generation_worker not in (0, 1):
+            raise ValueError("gpus_per_generation_worker must be 0 or 1 (one GPU = one worker)")
+
+
 @dataclass
 class Manifest:
     """A dataset recipe: which records, how they are cut into shards, which generators."""
@@ -175,6 +270,7 @@ class Manifest:
     transform_test: TransformTestConfig = field(default_factory=TransformTestConfig)
     extended: ExtendedConfig = field(default_factory=ExtendedConfig)
     units: UnitsConfig = field(default_factory=UnitsConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options of output_root's filesystem (on top of the environment's credentials), e.g. endpoint_url."""
     path: Path = field(default=Path("."), init=False)

@@ -60,9 +60,8 @@ class AssembleJob(UnitJob):
     def outputs(self, unit: Unit) -> list[PurePath]:
         return [self.layout.d3(split, unit.shard) for split in SPLITS]
 
-    def input_stats(self, unit: Unit) -> list[PurePath]:
-        return [self.layout.stats("fetch-real", unit.shard),
-                *(self.layout.stats("generate", unit.shard, g) for g in self.manifest.generators)]
+    def input_units(self, unit: Unit) -> list[Unit]:
+        return [Unit("fetch-real", unit.shard), *(Unit("generate", unit.shard, g) for g in self.manifest.generators)]
 
     def size(self, unit: Unit) -> int:
         path = self.layout.records(unit.shard)
@@ -120,16 +119,18 @@ class AssembleJob(UnitJob):
 
 
 def assemble_dataset(manifest: Manifest, shards: Sequence[int] | None = None, progress: bool = True,
-                     wait: bool = True, row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> RunSummary:
+                     wait: bool = True, row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+                     wait_inputs: bool = False) -> RunSummary:
     """Assemble every records shard (or `shards`) not yet done, then write the dataset card.
 
+    `wait_inputs` waits for input units nobody has started yet (a worker beside fetch-real's and generate's).
     Raises UsageError when there is no records shard at all (run select first): no empty card is written."""
     layout = manifest.layout
     wanted = layout.record_shards() if shards is None else sorted(set(shards))
     if not wanted:
         raise UsageError(f"no records shards under {layout.url(layout.root / 'records')}: run `d3builder select` first")
-    summary = manifest.runner(progress=progress, wait=wait).run(AssembleJob(manifest, row_group_size),
-                                                               [Unit(STAGE, k) for k in wanted])
+    runner = manifest.runner(progress=progress, wait=wait, wait_inputs=wait_inputs)
+    summary = runner.run(AssembleJob(manifest, row_group_size), [Unit(STAGE, k) for k in wanted])
     write_dataset_card(manifest)
     return summary
 

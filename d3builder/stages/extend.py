@@ -80,8 +80,8 @@ class JoinJob(UnitJob):
     def outputs(self, unit: Unit) -> list[PurePath]:
         return [self.layout.extended(self.generator, unit.shard)]
 
-    def input_stats(self, unit: Unit) -> list[PurePath]:
-        return [self.layout.stats("fetch-real", unit.shard), self.layout.stats(GENERATE, unit.shard, self.generator)]
+    def input_units(self, unit: Unit) -> list[Unit]:
+        return [Unit("fetch-real", unit.shard), Unit(GENERATE, unit.shard, self.generator)]
 
     def compute(self, ctx: UnitContext) -> UnitWork:
         layout, store, shard, started = self.layout, self.store, ctx.unit.shard, time.time()
@@ -140,12 +140,14 @@ def extend(
     progress: bool = True,
     retry_failed: bool = False,
     wait: bool = True,
+    wait_inputs: bool = False,
 ) -> list[RunSummary]:
     """Render and join the test records for each extended generator (default: manifest.extended.generators).
 
     Returns the generate and the extend summary of each generator, in order. `registry_file` defaults to
     the manifest's extended.registry; it is loaded together with the manifest's own registry files. Every
-    name is checked before any work starts (RegistryError); no records shard is a UsageError."""
+    name is checked before any work starts (RegistryError); no records shard is a UsageError. `wait_inputs`
+    waits for fetch-real units nobody has started yet (a worker beside fetch-real's)."""
     speed = speed or SpeedOptions()
     path = Path(registry_file) if registry_file is not None else manifest.extended_registry_path()
     registry = manifest_registry(manifest, path)
@@ -164,10 +166,10 @@ def extend(
     for entry in entries:
         summaries.append(generate_shards(
             manifest, entry.name, registry=registry, shards=every, batch_size=batch_size, speed=speed,
-            splits=[SPLIT], progress=progress, retry_failed=retry_failed, wait=wait,
+            splits=[SPLIT], progress=progress, retry_failed=retry_failed, wait=wait, wait_inputs=wait_inputs,
         ))
         state.wait_for_everyone()  # every gen shard is written before any process joins
-        runner = manifest.runner(progress=progress and state.is_main_process, wait=wait,
+        runner = manifest.runner(progress=progress and state.is_main_process, wait=wait, wait_inputs=wait_inputs,
                                  rank=state.process_index, world=state.num_processes)
         mine = shards_for_process(every, state.process_index, state.num_processes)
         join = runner.run(JoinJob(manifest, entry.name), [Unit(STAGE, k, entry.name) for k in mine], group=entry.name)

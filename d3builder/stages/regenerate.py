@@ -144,7 +144,7 @@ def _regenerate_shard(manifest: Manifest, renderer: _Renderer, shard: int, ids: 
     loaded = renderer.get(provenance)
     notes = _differences(provenance, loaded.provenance())
     jobs = [Job(r["id"], r["prompt"], r["negative_prompt"], r["seed"], r["width"], r["height"]) for r in rows]
-    for batch, owns in replay_batches(jobs, stats["batch_size"], stats.get("rebatched", [])):
+    for batch, owns in replay_batches(jobs, stats["batch_size"], stats.get("rebatched", []), stats.get("added", [])):
         if not any(j.id in results for j in batch if j.id in owns):
             continue
         rendered = loaded.generate([j.prompt for j in batch], [j.negative_prompt for j in batch],

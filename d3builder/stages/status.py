@@ -94,11 +94,17 @@ def stage_status(manifest: Manifest, command: str, group: str | None, expected: 
     return status
 
 
+def transform_units(manifest: Manifest) -> int:
+    """transform-test's units of the test split: one per d3/test shard."""
+    layout = manifest.layout
+    return len(layout.store.glob(layout.d3_dir() / SOURCE_SPLIT / f"{SOURCE_SPLIT}-[0-9]*.parquet"))
+
+
 def recipe_status(manifest: Manifest) -> list[StageStatus]:
     """Every stage of the recipe, in pipeline order."""
     layout = manifest.layout
     shards = len(layout.record_shards())
-    tests = len(layout.store.glob(layout.d3_dir() / SOURCE_SPLIT / f"{SOURCE_SPLIT}-[0-9]*.parquet"))
+    tests = transform_units(manifest)
     extended = list(manifest.extended.generators)
     rows = [stage_status(manifest, "select", None, 1), stage_status(manifest, "fetch-real", None, shards)]
     rows += [stage_status(manifest, "generate", g, shards) for g in [*manifest.generators, *extended]]

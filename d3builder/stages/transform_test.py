@@ -144,8 +144,8 @@ class TransformJob(UnitJob):
     def outputs(self, unit: Unit) -> list[PurePath]:
         return [self.layout.d3(AUGM_SPLITS[unit.group or SOURCE_SPLIT], unit.shard)]
 
-    def input_stats(self, unit: Unit) -> list[PurePath]:
-        return [self.layout.stats("assemble", unit.shard)]
+    def input_units(self, unit: Unit) -> list[Unit]:
+        return [Unit("assemble", unit.shard)]
 
     def size(self, unit: Unit) -> int:
         return self.store.parquet_file(self.source(unit)).metadata.num_rows

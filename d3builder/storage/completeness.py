@@ -235,16 +235,17 @@ def _safe(split: Any) -> bool:
 def _reasons(record: str, real: dict | None, gens: dict[str, dict | None]) -> list[str]:
     """Why a record cannot be complete, by the names assemble counts them under (empty: nothing recorded failed)."""
     reasons = []
-    if real is not None:
-        status = real.get(record)
-        if status != SUCCESS:
-            reasons.append("real_missing" if status is None else "real_failed")
+    real_ok = real is None or real.get(record) == SUCCESS
+    if not real_ok:
+        reasons.append("real_missing" if real.get(record) is None else "real_failed")
     for g, statuses in gens.items():
         if statuses is None:
             continue
         status = statuses.get(record)
-        if status != SUCCESS:
-            reasons.append(f"gen_missing:{g}" if status is None else f"gen_failed:{g}")
+        if status is None and real_ok:
+            reasons.append(f"gen_missing:{g}")
+        elif status is not None and status != SUCCESS:
+            reasons.append(f"gen_failed:{g}")
     return reasons
 
 

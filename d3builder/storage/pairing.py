@@ -121,10 +121,12 @@ def paired_row(record: dict, real: ShardSource, gens: dict[str, ShardSource]) ->
         reasons.append("real_failed")
     if record["split"] not in SPLITS:
         reasons.append("bad_split")
+    real_ok = real_meta is not None and real_meta["status"] == "success"
     for generator, source in gens.items():
         meta = source.get(record_id)
         if meta is None:
-            reasons.append(f"gen_missing:{generator}")
+            if real_ok:  # no fake is rendered for a record whose real image is not there: only its real counts
+                reasons.append(f"gen_missing:{generator}")
         elif meta["status"] != "success" or meta["generator"] not in (None, generator):
             reasons.append(f"gen_failed:{generator}")
     if reasons:

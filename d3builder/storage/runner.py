@@ -3,11 +3,14 @@
 A stage describes its units with a `UnitJob` (where a unit's stats and outputs are, how to compute it) and
 hands them to `UnitRunner.run`. For each unit the runner:
 
-1. skips it when done: its stats file (the done marker) exists, names outputs that all exist, and the units
-   it read from (`job.input_stats`) were not redone since (a `--retry-failed` upstream redoes it);
-2. takes its lease (`d3builder.storage.lease`), or reports it BUSY when a live owner holds it;
+1. skips it when done: its stats file (the done marker) exists and names outputs that all exist (or the job
+   says a later unit already holds its work: a part of a merged shard); a done unit whose input units
+   (`job.input_units`) were redone since it ran (a `--retry-failed` upstream) is refreshed (`job.refresh`);
+2. waits while an input unit is still being made by a live owner (or, with `wait_inputs`, not started yet: the
+   stages of a pipeline run side by side), then takes its lease (`d3builder.storage.lease`), or reports it
+   BUSY when a live owner holds it;
 3. checks "done" again (another owner may have finished it meanwhile), removes what a killed writer left;
-4. calls `job.compute(ctx)` under a heartbeat; the job writes its outputs through `ctx` (each commit is
+4. calls `job.compute(ctx)` (or `retry`/`refresh`) under a heartbeat; the job writes its outputs through `ctx` (each commit is
    fenced: it happens only while the lease is still ours) and returns a `UnitWork` (stats payload, counts);
 5. writes the stats file last (atomically), adding who ran the unit and when (`started_at`, `finished_at`,
    host, pid, rank, lease token), records the completion under `history/`, and releases the lease.
@@ -19,7 +22,7 @@ A worker is then just "run the units of a stage until none is left":
     sys.exit(summary.exit_code)
 
 and `runner.pending(job, units)` says which units still have work (for a launcher deciding how many
-workers to start). Every stage module exposes its job (`FetchJob`, `GenerateJob`, `AssembleJob`, ...) and
+workers to start). `d3builder.cluster` starts such workers with local processes, SLURM job arrays or Ray. Every stage module exposes its job (`FetchJob`, `GenerateJob`, `AssembleJob`, ...) and
 a function that builds its units and runs them (`fetch_real`, `generate_shards`, `assemble_dataset`, ...),
 which is also what its command calls.
 
@@ -55,6 +58,7 @@ from d3builder.storage.lease import (
     LeaseLost,
     LeaseRecord,
     acquire,
+    current,
     lease_payload,
 )
 from d3builder.storage.shards import DEFAULT_ROW_GROUP_SIZE, ShardStream, write_shard
@@ -109,6 +113,10 @@ class BadInput(Exception):
 
 class InputsPending(Exception):
     """The unit's inputs are being made by other live owners: come back later (BUSY)."""
+
+
+FAILED_EVENTS = ("failed", "bad_input")
+"""History outcomes of a unit that ended without being done."""
 
 
 @dataclass(frozen=True)
@@ -316,10 +324,18 @@ class UnitJob:
         """Items the unit processes (for the progress bar total); 0 when unknown."""
         return 0
 
-    def input_stats(self, unit: Unit) -> list[PurePath]:
-        """Stats files of the units this one reads: when one of them is rewritten (e.g. by --retry-failed)
-        after this unit ran, this unit is no longer done and runs again."""
+    def input_units(self, unit: Unit) -> list[Unit]:
+        """The units (of earlier stages) this one reads. A unit waits while they are being made; when one of
+        them is redone (e.g. by --retry-failed) after this unit ran, this unit is refreshed (`refresh`)."""
         return []
+
+    def input_stats(self, unit: Unit) -> list[PurePath]:
+        """The stats files (done markers) of `input_units`."""
+        return [self.layout.stats(u.stage, u.shard, u.group, u.part) for u in self.input_units(unit)]
+
+    def superseded(self, unit: Unit) -> bool:
+        """Whether a unit that is not done needs no run because a later unit already holds its work."""
+        return False
 
     def done(self, unit: Unit, stats: dict[str, Any]) -> bool:
         """Whether a unit whose stats file and outputs exist is done for this run (e.g. covers its splits)."""
@@ -338,6 +354,10 @@ class UnitJob:
     def retry(self, ctx: UnitContext, stats: dict[str, Any]) -> UnitWork:
         raise NotImplementedError(f"{self.stage} has no --retry-failed")
 
+    def refresh(self, ctx: UnitContext, stats: dict[str, Any]) -> UnitWork:
+        """Bring a done unit up to date after an input unit was redone: by default, compute it again."""
+        return self.compute(ctx)
+
 
 def shards_for_process(shards: Sequence[int], rank: int, world_size: int) -> list[int]:
     """The shards process `rank` of `world_size` handles (round robin, disjoint, complete)."""
@@ -352,30 +372,39 @@ class UnitRunner:
     def __init__(self, layout: DataLayout, *, lease_seconds: float = DEFAULT_LEASE_SECONDS, wait: bool = True,
                  retry_failed: bool = False, force: bool = False, progress: bool = True,
                  max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION, rank: int | None = None,
-                 world: int = 1) -> None:
+                 world: int = 1, wait_inputs: bool = False) -> None:
         self.layout, self.store = layout, layout.store
         self.lease_seconds, self.wait, self.retry_failed, self.force = lease_seconds, wait, retry_failed, force
+        self.wait_inputs = wait_inputs
+        """Also wait for input units nobody has started yet (a worker of a pipeline: the earlier stage's workers
+        will make them); otherwise only inputs a live owner is making are waited for."""
         self.progress, self.max_failed_fraction = progress, max_failed_fraction
         self.rank = process_rank() if rank is None else rank
         self.world = world
         self.poll_s = min(max(lease_seconds / 4, 0.05), 10.0)
 
     def read_done(self, job: UnitJob, unit: Unit) -> dict[str, Any] | None:
-        """The unit's stats when it is done (stats file, every output it names, the job's own check), else None."""
+        """The unit's stats when it is done and up to date (see `read_state`), else None."""
+        stats, stale = self.read_state(job, unit)
+        return None if stale else stats
+
+    def read_state(self, job: UnitJob, unit: Unit) -> tuple[dict[str, Any] | None, bool]:
+        """(stats, stale): the unit's stats when it is done (stats file, every output it names, the job's own
+        check), else None; and whether an input unit was redone since it ran."""
         path = job.stats_path(unit)
         try:
             stats = self.store.read_json(path)
         except FileNotFoundError:
-            return None
+            return None, False
         except ValueError:
-            return None  # a stats file is written atomically: unparsable means foreign, so redo the unit
+            return None, False  # a stats file is written atomically: unparsable means foreign, so redo the unit
         outputs = [self.layout.root / relative for relative in stats.get("committed", [])]
         if not all(self.store.isfile(p) for p in outputs) or not job.done(unit, stats):
-            return None
+            return None, False
         recorded = stats.get("inputs_finished_at", {})
-        if any(self._finished_at(self.layout.root / relative) not in (None, when) for relative, when in recorded.items()):
-            return None  # an input was redone since this unit ran
-        return stats
+        stale = any(self._finished_at(self.layout.root / relative) not in (None, when)
+                    for relative, when in recorded.items())
+        return stats, stale
 
     def _finished_at(self, stats_path: PurePath) -> float | None:
         """When the unit whose stats file this is finished (None when it is not done)."""
@@ -385,12 +414,40 @@ class UnitRunner:
             return None
 
     def pending(self, job: UnitJob, units: Sequence[Unit]) -> list[Unit]:
-        """The units that still have work for this runner (not done; or, with retry_failed, with failed records)."""
-        return [u for u in units if self._wanted(job, self.read_done(job, u))]
+        """The units that still have work for this runner (not done, or stale; with retry_failed, also done
+        units with failed records)."""
+        return [u for u in units if self._wanted(job, u, *self.read_state(job, u))]
 
-    def _wanted(self, job: UnitJob, stats: dict[str, Any] | None) -> bool:
+    def _wanted(self, job: UnitJob, unit: Unit, stats: dict[str, Any] | None, stale: bool) -> bool:
         """Whether a unit in this state has work for this run."""
-        return self.force or stats is None or (self.retry_failed and job.retryable(stats))
+        if self.force:
+            return True
+        if stats is None:
+            return not job.superseded(unit)
+        return stale or (self.retry_failed and job.retryable(stats))
+
+    def waiting_for(self, job: UnitJob, unit: Unit) -> str | None:
+        """Why the unit cannot start yet (an input unit a live owner is making, or with wait_inputs one not
+        started yet), or None. An input that failed, or that nobody makes, is left to the job (BadInput)."""
+        for source in job.input_units(unit):
+            if self._finished_at(self.layout.stats(source.stage, source.shard, source.group, source.part)) is not None:
+                continue
+            holder = current(self.store, self.layout.leases(source.stage, source.key), self.lease_seconds)
+            if holder is not None and not holder.free():
+                return f"waiting for {source.label}: {holder.describe()}"
+            if self.wait_inputs and self.last_event(source).get("outcome") not in FAILED_EVENTS:
+                return f"waiting for {source.label} (not started yet)"
+        return None
+
+    def last_event(self, unit: Unit) -> dict[str, Any]:
+        """The unit's latest history event (completion or failure), {} when it has none."""
+        events = self.store.glob(self.layout.history(unit.stage, unit.key) / "*.json")
+        for path in reversed(events):
+            try:
+                return self.store.read_json(path)
+            except (FileNotFoundError, ValueError):
+                continue
+        return {}
 
     def run(self, job: UnitJob, units: Sequence[Unit], group: str | None = None) -> RunSummary:
         """Run every unit (see the module docstring); `group` labels the summary (e.g. the generator)."""
@@ -399,6 +456,7 @@ class UnitRunner:
         waiting = set(todo)
         results = {u: UnitResult(u, UnitOutcome.SKIPPED) for u in units if u not in waiting}
         total = sum(job.size(u) for u in todo)
+        told: set[Unit] = set()
         with tqdm(total=total or None, desc=f"{job.stage} {group}" if group else job.stage, unit=job.item, disable=not self.progress,
                   dynamic_ncols=True) as bar:
             while todo:
@@ -407,10 +465,14 @@ class UnitRunner:
                     result = self.run_unit(job, unit, bar)
                     if result.outcome is UnitOutcome.BUSY and self.wait:
                         waiting.append(unit)
+                        if unit not in told:
+                            told.add(unit)
+                            log.info("%s: %s", unit.label, result.message)
                     results[unit] = result
                 if not waiting:
                     break
-                log.debug("%d unit(s) of %s held by other owners; waiting %.1f s", len(waiting), job.stage, self.poll_s)
+                log.debug("%d unit(s) of %s held by other owners or waiting for inputs; waiting %.1f s", len(waiting),
+                          job.stage, self.poll_s)
                 time.sleep(self.poll_s)
                 todo = waiting
         return RunSummary(job.stage, group, [results[u] for u in units], time.time() - started,
@@ -419,9 +481,11 @@ class UnitRunner:
     def run_unit(self, job: UnitJob, unit: Unit, bar: tqdm | None = None) -> UnitResult:
         """Run one unit through the whole lifecycle; never raises for the unit's own errors."""
         bar = bar if bar is not None else tqdm(disable=True)
-        stats = self.read_done(job, unit)
-        if not self._wanted(job, stats):
+        if not self._wanted(job, unit, *self.read_state(job, unit)):
             return UnitResult(unit, UnitOutcome.SKIPPED, "done by another owner")
+        waiting = self.waiting_for(job, unit)
+        if waiting is not None:
+            return UnitResult(unit, UnitOutcome.BUSY, waiting)
         folder = self.layout.leases(unit.stage, unit.key)
         try:
             lease = acquire(self.store, folder, unit.stage, unit.key, self.lease_seconds)
@@ -433,30 +497,34 @@ class UnitRunner:
         finished = False
         try:
             with lease.heartbeat():
-                stats = None if self.force else self.read_done(job, unit)
-                if not self._wanted(job, stats):
+                stats, stale = (None, False) if self.force else self.read_state(job, unit)
+                if not self._wanted(job, unit, stats, stale):
                     finished = True
                     return UnitResult(unit, UnitOutcome.SKIPPED, "done by another owner")
-                result = self._compute(job, unit, lease, bar, stats)
+                result = self._compute(job, unit, lease, bar, stats, stale)
                 finished = result.outcome.finished
                 return result
         finally:
             with contextlib.suppress(Exception):  # a lease that cannot be released expires on its own
                 lease.release(finished)
 
-    def _compute(self, job: UnitJob, unit: Unit, lease: Lease, bar: tqdm, stats: dict[str, Any] | None) -> UnitResult:
-        """Compute (or retry) a leased unit, then commit its stats and history."""
+    def _compute(self, job: UnitJob, unit: Unit, lease: Lease, bar: tqdm, stats: dict[str, Any] | None,
+                 stale: bool = False) -> UnitResult:
+        """Compute (or refresh, or retry) a leased unit, then commit its stats and history."""
         started = time.time()
         for path in [*job.outputs(unit), job.stats_path(unit)]:
             self.store.remove_temporaries(path)
         ctx = UnitContext(self, unit, lease, bar)
-        outcome = UnitOutcome.DONE if stats is None else UnitOutcome.RETRIED
+        outcome = UnitOutcome.DONE if stats is None or stale else UnitOutcome.RETRIED
         inputs = {self.store.relative(p): self._finished_at(p) for p in job.input_stats(unit)}
         try:
             job.cleanup(unit)
-            work = job.compute(ctx) if stats is None else job.retry(ctx, stats)
+            if stats is None:
+                work = job.compute(ctx)
+            else:
+                work = job.refresh(ctx, stats) if stale else job.retry(ctx, stats)
             finished = time.time()
-            previous = stats.get("committed", []) if stats is not None else []
+            previous = [p for p in (stats or {}).get("committed", []) if self.store.isfile(self.layout.root / p)]
             committed = sorted({*previous, *(self.store.relative(p) for p in ctx.committed)})
             payload = {**work.stats, "stage": unit.stage, "unit": unit.key, "started_at": started,
                        "finished_at": finished, "lease": lease_payload(lease), "committed": committed,
