@@ -40,18 +40,13 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path, PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import diffusers
 import PIL
 import pyarrow as pa
-import torch
-import transformers
-from accelerate import PartialState
 
-from d3builder.core.commandline import UsageError
+from d3builder.core.commandline import UsageError, package_version
 from d3builder.generators.backends import check_ready, load_backend
 from d3builder.generators.backends.base import FAILURE_REASONS, Backend, Columns, Job
 from d3builder.generators.encoding import (
@@ -63,14 +58,12 @@ from d3builder.generators.encoding import (
 from d3builder.generators.registry import (
     DTYPES,
     Entry,
-    GeneratorEntry,
     RegistryError,
     load_registries,
 )
-from d3builder.generators.runtime import (
+from d3builder.generators.results import (
     NAN_OUTPUT,
     GenerationResult,
-    resolve_model_path,
     seed_for,
     size_for,
 )
@@ -90,6 +83,9 @@ from d3builder.storage.runner import (
 )
 from d3builder.storage.schema import GEN_FEATURES
 from d3builder.storage.shards import ShardStream, image_cell
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -172,18 +168,10 @@ def registry_entry(registry: dict[str, Entry], name: str) -> Entry:
 
 def software() -> str:
     """Versions of the software that renders and encodes, as a JSON string."""
-    try:
-        ours = metadata.version("d3code")
-    except metadata.PackageNotFoundError:
-        ours = "unknown"
-    versions = {
-        "d3code": ours,
-        "diffusers": diffusers.__version__,
-        "pillow": PIL.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    return json.dumps(versions, sort_keys=True)
+    # runtime holds the model stack: it loads with the first job, not when the command line starts
+    from d3builder.generators.runtime import stack_versions
+
+    return json.dumps({"d3code": package_version(), "pillow": PIL.__version__, **stack_versions()}, sort_keys=True)
 
 
 def failure_reason(error: str) -> str:
@@ -223,7 +211,7 @@ class GenerateJob(UnitJob):
                  batch_size: int, speed: SpeedOptions, splits: Sequence[str] | None = None,
                  process_index: int = 0, seconds_per_image: float | None = None) -> None:
         super().__init__(manifest.layout)
-        self.manifest, self.entry, self.device = manifest, entry, torch.device(device)
+        self.manifest, self.entry, self.device = manifest, entry, device
         self.batch_size, self.speed = batch_size, speed
         self.splits = sorted(set(splits)) if splits is not None else None
         self.mix = dict(manifest.generate.encoding_mix)
@@ -633,20 +621,6 @@ class Tally:
                         counts=Counter(success=self.counts["success"]))
 
 
-def prepare_weights(entry: Entry, state: PartialState) -> None:
-    """Build tiny twins on the main process first: under torch.distributed, transformers saves weights on rank 0 only."""
-    if not isinstance(entry, GeneratorEntry):
-        return
-    with state.main_process_first():
-        for spec in (entry, *entry.stages):
-            resolve_model_path(spec)
-
-
-def process_state() -> PartialState:
-    """This process's Accelerate state (CPU processes with gloo when there is no CUDA)."""
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def seconds_per_image(manifest: Manifest, generator: str) -> float | None:
     """The generator's seconds per image from the manifest's throughput table (None: no table, no figure)."""
     if manifest.generate.throughput is None:
@@ -690,6 +664,9 @@ def generate_shards(
     every = sorted(set(shards)) if shards is not None else layout.record_shards()
     if not every:
         raise UsageError(f"no records shards under {layout.url(layout.root / 'records')}: run `d3builder select` first")
+    # runtime holds the model stack: it loads here, not when the command line starts
+    from d3builder.generators.runtime import prepare_weights, process_state
+
     state = process_state()
     prepare_weights(entry, state)
     job = GenerateJob(manifest, entry, device=state.device, batch_size=batch_size, speed=speed, splits=splits,

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from d3builder.generators.runtime import GenerationResult
+from d3builder.generators.results import GenerationResult
 from d3builder.imaging.inspection import inspect_image
 
 FAILURE_REASONS = frozenset({

@@ -12,7 +12,7 @@ from PIL import Image
 from d3builder.generators.backends.base import Columns, Job, failed, ready_encoded
 from d3builder.generators.checker import RegistryError
 from d3builder.generators.kinds import PythonEntry
-from d3builder.generators.runtime import GenerationResult, fit, short_error
+from d3builder.generators.results import GenerationResult, fit, short_error
 
 MAX_IMAGE_BYTES = 50_000_000
 PIPELINE = "python"

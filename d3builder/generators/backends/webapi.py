@@ -32,7 +32,7 @@ from d3builder.generators.backends.transport import (
 )
 from d3builder.generators.checker import RegistryError
 from d3builder.generators.kinds import PLACEHOLDER_RE, HttpEntry
-from d3builder.generators.runtime import GenerationResult
+from d3builder.generators.results import GenerationResult
 
 PIPELINE = "http"
 MAX_BACKOFF_S = 300.0
