@@ -31,7 +31,8 @@ from d3builder.generators.render import (
     manifest_registry,
     plan_batches,
 )
-from d3builder.generators.runtime import load_generator, seed_for, size_for
+from d3builder.generators.results import seed_for, size_for
+from d3builder.generators.runtime import load_generator
 from d3builder.recipe.manifest import Manifest, MetadataSource, load_manifest
 from d3builder.storage.schema import RECORD_FEATURES
 from d3builder.storage.shards import write_shard

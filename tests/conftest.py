@@ -1,5 +1,5 @@
 """Session-wide test setup: the tiny generator twins are built once per test run, in a private folder; the local
-S3 server (`s3kit`) is started once, on first use."""
+S3 server (`s3kit`) is started once, on first use; a small D3 folder is written once, on first use."""
 
 from __future__ import annotations
 
@@ -20,6 +20,19 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(CACHE_ENV, str(folder))
         yield folder
+
+
+@pytest.fixture(scope="session")
+def small_d3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local D3 folder shared by the session (read it, never change it): 16 train records (2 shards), 8
+    validation and 8 test records."""
+    from shardkit import make_d3_shards
+
+    root = tmp_path_factory.mktemp("small-d3")
+    make_d3_shards(root, 16, "train", shard_size=8)
+    make_d3_shards(root, 8, "validation", seed=1)
+    make_d3_shards(root, 8, "test", seed=2)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -65,6 +65,27 @@ def test_importing_d3builder_loads_no_codetrain_module() -> None:
     assert out.stdout.strip() == "[]"
 
 
+MODEL_STACK = ("accelerate", "diffusers", "torch", "transformers")
+
+
+def test_command_line_starts_without_the_model_stack() -> None:
+    """Every command module imports and parses without torch, diffusers, transformers or Accelerate: the stack
+    loads only where rendering starts (d3builder.generators.runtime)."""
+    loaded = f"print(sorted(m for m in {MODEL_STACK!r} if m in sys.modules))\n"
+    code = (
+        "import sys, d3builder.cli\n"
+        "parser = d3builder.cli.build_parser()\n"
+        "for argv in (['status', '-m', 'manifests/tiny.yaml'], ['generate', '-m', 'manifests/tiny.yaml', '-g', 'x'],\n"
+        "             ['worker', '-m', 'manifests/tiny.yaml', '--stage', 'generate', '-g', 'x']):\n"
+        "    parser.parse_args(argv)\n"
+        + loaded
+        + "import d3builder.generators.runtime\n"
+        + loaded
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split("\n")[:2] == ["[]", str(sorted(MODEL_STACK))]
+
+
 def test_stages_do_not_import_each_other() -> None:
     """A stage uses what the sub-packages below it offer, never another stage's module."""
     stages = D3BUILDER / "stages"

@@ -5,23 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from shardkit import make_d3_shards
 
 from codetrain.cli import main
 from codetrain.model import create_embedder, save_weights
 
 TINY = ["--model", "test_vit", "--img-size", "32", "--local-size", "16", "--no-progress", "--no-tensorboard",
         "--precision", "fp32", "--max-steps", "1"]
-
-
-@pytest.fixture(scope="module")
-def d3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """16 train, 8 validation and 8 test records."""
-    root = tmp_path_factory.mktemp("errors")
-    make_d3_shards(root, 16, "train", shard_size=8)
-    make_d3_shards(root, 8, "validation", seed=1)
-    make_d3_shards(root, 8, "test", seed=2)
-    return root
 
 
 def truncated_copy(d3: Path, folder: Path, split: str) -> tuple[Path, Path]:
@@ -46,16 +35,16 @@ def one_error_line(capsys: pytest.CaptureFixture[str], command: str) -> str:
     return lines[0]
 
 
-def test_train_names_a_truncated_shard(d3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data, victim = truncated_copy(d3, tmp_path / "d3", "train")
+def test_train_names_a_truncated_shard(small_d3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, victim = truncated_copy(small_d3, tmp_path / "d3", "train")
     assert main(["train", "--data", str(data), "--run", str(tmp_path / "run"), *TINY]) == 2
     line = one_error_line(capsys, "train")
     assert str(victim) in line and "Parquet" in line
     assert not (tmp_path / "run").exists()
 
 
-def test_evaluate_names_a_truncated_shard_before_embedding_anything(d3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data, victim = truncated_copy(d3, tmp_path / "d3", "test")
+def test_evaluate_names_a_truncated_shard_before_embedding_anything(small_d3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, victim = truncated_copy(small_d3, tmp_path / "d3", "test")
     run = tmp_path / "run"
     save_weights(create_embedder("test_vit", 32), run / "model.safetensors")
     assert main(["evaluate", "--run", str(run), "--data", str(data), "--fit-split", "validation", "--no-robustness",
@@ -65,30 +54,30 @@ def test_evaluate_names_a_truncated_shard_before_embedding_anything(d3: Path, tm
     assert not (run / "eval").exists(), "no classifier fitted, no embedding cached before the inputs were checked"
 
 
-def test_missing_data_and_run(d3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_data_and_run(small_d3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--run", str(tmp_path / "run"), *TINY]) == 2
     assert "missing --data" in one_error_line(capsys, "train")
-    assert main(["train", "--data", str(d3), *TINY]) == 2
+    assert main(["train", "--data", str(small_d3), *TINY]) == 2
     assert "missing --run" in one_error_line(capsys, "train")
     config = tmp_path / "eval.yaml"
-    config.write_text(f"data: {d3}\n")
+    config.write_text(f"data: {small_d3}\n")
     assert main(["evaluate", "-c", str(config)]) == 2
     assert "missing --run" in one_error_line(capsys, "evaluate")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.yaml"], "nothing written when an input is missing"
 
 
-def test_checkpoints_without_resume(d3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_checkpoints_without_resume(small_d3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
-    assert main(["train", "--data", str(d3), "--run", str(run), "--batch-size", "4", "--checkpoint-every", "1", *TINY]) == 0
+    assert main(["train", "--data", str(small_d3), "--run", str(run), "--batch-size", "4", "--checkpoint-every", "1", *TINY]) == 0
     capsys.readouterr()
-    assert main(["train", "--data", str(d3), "--run", str(run), "--batch-size", "4", *TINY]) == 2
+    assert main(["train", "--data", str(small_d3), "--run", str(run), "--batch-size", "4", *TINY]) == 2
     line = one_error_line(capsys, "train")
     assert str(run) in line and "--resume" in line
 
 
-def test_batch_larger_than_the_dataset(d3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", "--data", str(d3), "--run", str(tmp_path / "run"), "--batch-size", "64", *TINY]) == 2
+def test_batch_larger_than_the_dataset(small_d3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--data", str(small_d3), "--run", str(tmp_path / "run"), "--batch-size", "64", *TINY]) == 2
     line = one_error_line(capsys, "train")
     assert "16 training records cannot fill one step" in line and "--batch-size" in line
 

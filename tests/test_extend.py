@@ -13,7 +13,7 @@ from PIL import Image
 
 from d3builder import cli
 from d3builder.generators.registry import RegistryError
-from d3builder.generators.runtime import seed_for
+from d3builder.generators.results import seed_for
 from d3builder.recipe.manifest import Manifest
 from d3builder.stages.extend import extend
 from d3builder.storage.runner import UnitOutcome

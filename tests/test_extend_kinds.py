@@ -29,7 +29,7 @@ from d3builder import cli
 from d3builder.generators.encoding import draw_encoding, encode_image
 from d3builder.generators.examples.tiny_gan import generate as tiny_gan
 from d3builder.generators.registry import load_registries
-from d3builder.generators.runtime import seed_for, size_for
+from d3builder.generators.results import seed_for, size_for
 from d3builder.recipe.manifest import Manifest
 from d3builder.stages.extend import extend, list_generators
 from d3builder.storage.runner import RunSummary, UnitOutcome

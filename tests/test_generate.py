@@ -32,7 +32,7 @@ from d3builder.generators.render import (
     generate_shards,
     plan_batches,
 )
-from d3builder.generators.runtime import seed_for, size_for
+from d3builder.generators.results import seed_for, size_for
 from d3builder.generators.tiny import build_tiny
 from d3builder.recipe.manifest import Manifest
 from d3builder.stages.regenerate import file_stem, regenerate

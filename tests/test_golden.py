@@ -9,7 +9,7 @@ import pytest
 
 from codetrain.data import record_rng
 from d3builder.generators.encoding import draw_encoding
-from d3builder.generators.runtime import seed_for, size_for
+from d3builder.generators.results import seed_for, size_for
 from d3builder.imaging.augmentations import draw_ops
 from d3builder.recipe.manifest import LAION_ENCODING_MIX
 from d3builder.stages.select import selection_hash, split_of

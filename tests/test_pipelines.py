@@ -14,13 +14,11 @@ from diffusers.utils import is_bs4_available, is_ftfy_available
 from PIL import Image
 
 from d3builder.generators.registry import GeneratorEntry, load_registries
+from d3builder.generators.results import NAN_OUTPUT, seed_for, size_for
 from d3builder.generators.runtime import (
-    NAN_OUTPUT,
     LoadedGenerator,
     load_generator,
     resolve_model_path,
-    seed_for,
-    size_for,
 )
 from d3builder.generators.tiny import (
     TINY_VERSION,

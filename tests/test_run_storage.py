@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import yaml
 from s3kit import S3Server
-from shardkit import make_d3_shards
 from test_detect import GOOD, write_images
 
 from codetrain import checkpoint as ckpt
@@ -28,16 +27,6 @@ from d3builder.storage.store import StorageError, open_store
 SMALL = dict(model="test_vit", img_size=32, local_size=16, batch_size=4, log_every=1, progress=False, tensorboard=False,
              precision="fp32", val_split=None, max_steps=4, epochs=4, checkpoint_every=2, keep_checkpoints=0,
              warmup_epochs=0.5)
-
-
-@pytest.fixture(scope="module")
-def d3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """16 train records (2 shards), 8 validation and 8 test records, local."""
-    root = tmp_path_factory.mktemp("d3")
-    make_d3_shards(root, 16, "train", shard_size=8)
-    make_d3_shards(root, 8, "validation", seed=1)
-    make_d3_shards(root, 8, "test", seed=2)
-    return root
 
 
 def no_url_named_folders(folder: Path) -> None:
@@ -86,7 +75,7 @@ def missing_filesystem_scheme() -> tuple[str, str]:
 
 
 def test_unsupported_schemes_fail_in_one_line_naming_scheme_and_package(
-    d3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    small_d3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scheme, package = missing_filesystem_scheme()
     with pytest.raises(StorageError, match=f"{scheme}:// filesystem is not installed: pip install {package}"):
@@ -94,7 +83,7 @@ def test_unsupported_schemes_fail_in_one_line_naming_scheme_and_package(
     with pytest.raises(StorageError, match="unknown storage scheme nosuch://"):
         open_store("nosuch://bucket/run")
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--data", str(d3), "--run", f"{scheme}://bucket/run", "--model", "test_vit"]) == 2
+    assert main(["train", "--data", str(small_d3), "--run", f"{scheme}://bucket/run", "--model", "test_vit"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"pip install {package}" in err and "Traceback" not in err
     assert main(["detect", "--run", "nosuch://bucket/run", str(tmp_path)]) == 2
@@ -102,10 +91,10 @@ def test_unsupported_schemes_fail_in_one_line_naming_scheme_and_package(
     no_url_named_folders(tmp_path)
 
 
-def test_train_resume_and_evaluate_on_memory(d3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_resume_and_evaluate_on_memory(small_d3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     data, run = "memory://codetrain-test/d3", "memory://codetrain-test/run"
-    open_store(data).upload(d3)
+    open_store(data).upload(small_d3)
     full = train(TrainConfig(**SMALL, data=data, run=run))
     assert sorted(full.losses) == [1, 2, 3, 4] and full.run_dir == run and full.model_path == f"{run}/model.safetensors"
     layout = RunLayout.open(run)
@@ -142,12 +131,12 @@ def test_train_resume_and_evaluate_on_memory(d3: Path, tmp_path: Path, monkeypat
 
 @pytest.mark.slow
 def test_cli_trains_evaluates_detects_and_exports_on_a_local_s3_server(
-    s3: S3Server, d3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    s3: S3Server, small_d3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     bucket = s3.bucket("codetrain")
     data, run = f"{bucket}/d3", f"{bucket}/runs/code"
-    s3.upload(d3, data)
+    s3.upload(small_d3, data)
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({**SMALL, "val_split": "validation", "data": data, "run": run,
                                       "storage_options": s3.storage_options}))

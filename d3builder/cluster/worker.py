@@ -22,6 +22,7 @@ from typing import Any
 
 from d3builder.core.commandline import UsageError, setup_logging
 from d3builder.core.yamlconfig import ConfigError
+from d3builder.recipe.cliargs import report
 from d3builder.recipe.manifest import Manifest, load_manifest
 from d3builder.storage.runner import ExitCode, RunSummary
 
@@ -142,9 +143,7 @@ def run_worker(task: WorkerTask) -> int:
     except (UsageError, ValueError) as exc:  # RegistryError is a ValueError: an unknown or broken generator
         print(f"d3builder worker {task.stage}: {exc}", file=sys.stderr, flush=True)
         return int(ExitCode.USAGE)
-    for summary in summaries:
-        print(summary.describe(), flush=True)
-    return int(ExitCode.worst(s.exit_code for s in summaries))
+    return report(*summaries)
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import diffusers
-
 TINY_SCHEME = "tiny://"
+# kind -> diffusers pipeline class name; the registry checks entries against it without building anything.
+TINY_PIPELINES: dict[str, str] = {
+    "sd14": "StableDiffusionPipeline",
+    "sd21": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "if": "IFPipeline",
+    "if-ii": "IFSuperResolutionPipeline",
+    "x4-upscaler": "StableDiffusionUpscalePipeline",
+    "lcm": "LatentConsistencyModelPipeline",
+    "pixart": "PixArtAlphaPipeline",
+}
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 HTTP_SCHEMES = ("http", "https")
 
@@ -88,14 +97,14 @@ class Checker:
         """A non-negative number, or None when absent."""
         return None if raw.get(key) is None else self.number(raw, key)
 
-    def diffusers_class(self, raw: dict, key: str, base: type, optional: bool = False) -> str | None:
-        """A class name exported by diffusers that subclasses `base`."""
+    def diffusers_class(self, raw: dict, key: str, base: str, optional: bool = False) -> str | None:
+        """A class name exported by diffusers that subclasses diffusers' class `base`."""
         name = self.string(raw, key, optional)
         if name is None:
             return None
-        cls = getattr(diffusers, name, None) if name.isidentifier() else None
-        if not isinstance(cls, type) or not issubclass(cls, base):
-            raise self.fail(key, f"'{name}' is not a diffusers {base.__name__} class")
+        cls = _diffusers_attribute(name) if name.isidentifier() else None
+        if not isinstance(cls, type) or not issubclass(cls, _diffusers_attribute(base)):
+            raise self.fail(key, f"'{name}' is not a diffusers {base} class")
         return name
 
     def size(self, value: Any, key: str, multiple: int) -> tuple[int, int]:
@@ -147,16 +156,16 @@ class Checker:
             raise self.fail(key, "must not hold credentials (they would be stored with the shards): use auth.env")
         return value
 
-    def model(self, raw: dict, pipeline: str, tiny_pipelines: dict[str, str]) -> str:
+    def model(self, raw: dict, pipeline: str) -> str:
         """tiny://<kind> of the same pipeline, an existing local path, or a hub id."""
         model = self.string(raw, "model")
         assert model is not None
         if model.startswith(TINY_SCHEME):
             kind = model[len(TINY_SCHEME):]
-            if kind not in tiny_pipelines:
-                raise self.fail("model", f"unknown tiny kind '{kind}' (known: {', '.join(sorted(tiny_pipelines))})")
-            if tiny_pipelines[kind] != pipeline:
-                raise self.fail("model", f"tiny kind '{kind}' is a {tiny_pipelines[kind]}, not a {pipeline}")
+            if kind not in TINY_PIPELINES:
+                raise self.fail("model", f"unknown tiny kind '{kind}' (known: {', '.join(sorted(TINY_PIPELINES))})")
+            if TINY_PIPELINES[kind] != pipeline:
+                raise self.fail("model", f"tiny kind '{kind}' is a {TINY_PIPELINES[kind]}, not a {pipeline}")
             return model
         local = Path(model).expanduser()
         if not local.is_absolute():
@@ -171,7 +180,14 @@ class Checker:
         return model
 
 
+def _diffusers_attribute(name: str) -> Any:
+    """A name exported by diffusers (None if none): diffusers loads on the first entry checked, not at import."""
+    import diffusers
+
+    return getattr(diffusers, name, None)
+
+
 def call_defaults(pipeline: str) -> dict[str, Any]:
     """The explicit arguments of a diffusers pipeline's __call__ with their defaults."""
-    parameters = inspect.signature(getattr(diffusers, pipeline).__call__).parameters
+    parameters = inspect.signature(_diffusers_attribute(pipeline).__call__).parameters
     return {k: p.default for k, p in parameters.items() if k not in ("self", "kwargs")}

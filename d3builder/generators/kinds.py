@@ -37,7 +37,7 @@ FOLDER_KEYS = {"kind": True, "folder": False, "index": False, "provenance": Fals
 
 @dataclass(frozen=True)
 class PythonEntry:
-    """`kind: python`: `callable` (package.module:function) renders images; see backends.python.ImageFunction."""
+    """`kind: python`: `callable` (package.module:function) renders images; see backends.function.ImageFunction."""
 
     name: str
     callable: str

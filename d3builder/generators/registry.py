@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import yaml
 
 from d3builder.generators.checker import (
@@ -23,7 +22,6 @@ from d3builder.generators.checker import (
     call_defaults,
 )
 from d3builder.generators.kinds import KIND_PARSERS, FolderEntry, HttpEntry, PythonEntry
-from d3builder.generators.tiny import TINY_PIPELINES
 
 DTYPES = ("float16", "bfloat16", "float32")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -182,13 +180,13 @@ def _settings(fields: Mapping[str, Any], pipeline: str, call_kwargs: Mapping[str
 def _sampling_fields(check: Checker, raw: Mapping[str, Any], pipeline: str) -> dict[str, Any]:
     """The keys an entry and a cascade stage share: weights, dtype, steps, guidance, scheduler."""
     return {
-        "model": check.model(raw, pipeline, TINY_PIPELINES),
+        "model": check.model(raw, pipeline),
         "revision": check.string(raw, "revision", optional=True),
         "dtype": _dtype(check, raw),
         "variant": check.string(raw, "variant", optional=True),
         "steps": check.integer(raw, "steps", 1),
         "guidance": check.number(raw, "guidance"),
-        "scheduler": check.diffusers_class(raw, "scheduler", diffusers.SchedulerMixin, optional=True),
+        "scheduler": check.diffusers_class(raw, "scheduler", "SchedulerMixin", optional=True),
     }
 
 
@@ -196,7 +194,7 @@ def _parse_stage(path: Path, name: str, index: int, raw: Any, required_sources: 
     """Validate one cascade stage."""
     check = Checker(path, name, prefix=f"stages[{index}].")
     check.keys(raw, STAGE_KEYS)
-    pipeline = check.diffusers_class(raw, "pipeline", diffusers.DiffusionPipeline)
+    pipeline = check.diffusers_class(raw, "pipeline", "DiffusionPipeline")
     assert pipeline is not None
     shared = raw.get("share_components", []) or []
     if not isinstance(shared, list) or not all(isinstance(s, str) and s.isidentifier() for s in shared):
@@ -217,7 +215,7 @@ def _parse_diffusers(path: Path, name: str, raw: dict) -> GeneratorEntry:
     """Validate one `kind: diffusers` entry; a D3 column (d3_column) must cite a source for every setting."""
     check = Checker(path, name)
     check.keys(raw, ENTRY_KEYS)
-    pipeline = check.diffusers_class(raw, "pipeline", diffusers.DiffusionPipeline)
+    pipeline = check.diffusers_class(raw, "pipeline", "DiffusionPipeline")
     assert pipeline is not None
     native = raw.get("native_size")
     native_size = check.size(native, "native_size", 8) if native is not None else None

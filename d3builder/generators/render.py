@@ -37,21 +37,16 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path, PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import diffusers
 import PIL
 import pyarrow as pa
-import torch
-import transformers
-from accelerate import PartialState
 
-from d3builder.core.commandline import UsageError
+from d3builder.core.commandline import package_version
 from d3builder.generators.backends import check_ready, load_backend
 from d3builder.generators.backends.base import FAILURE_REASONS, Backend, Columns, Job
 from d3builder.generators.encoding import (
@@ -63,14 +58,12 @@ from d3builder.generators.encoding import (
 from d3builder.generators.registry import (
     DTYPES,
     Entry,
-    GeneratorEntry,
     RegistryError,
     load_registries,
 )
-from d3builder.generators.runtime import (
+from d3builder.generators.results import (
     NAN_OUTPUT,
     GenerationResult,
-    resolve_model_path,
     seed_for,
     size_for,
 )
@@ -89,7 +82,10 @@ from d3builder.storage.runner import (
     shards_for_process,
 )
 from d3builder.storage.schema import GEN_FEATURES
-from d3builder.storage.shards import ShardStream, image_cell
+from d3builder.storage.shards import image_cell
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -172,18 +168,10 @@ def registry_entry(registry: dict[str, Entry], name: str) -> Entry:
 
 def software() -> str:
     """Versions of the software that renders and encodes, as a JSON string."""
-    try:
-        ours = metadata.version("d3code")
-    except metadata.PackageNotFoundError:
-        ours = "unknown"
-    versions = {
-        "d3code": ours,
-        "diffusers": diffusers.__version__,
-        "pillow": PIL.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    return json.dumps(versions, sort_keys=True)
+    # runtime holds the model stack: it loads with the first job, not when the command line starts
+    from d3builder.generators.runtime import stack_versions
+
+    return json.dumps({"d3code": package_version(), "pillow": PIL.__version__, **stack_versions()}, sort_keys=True)
 
 
 def failure_reason(error: str) -> str:
@@ -223,7 +211,7 @@ class GenerateJob(UnitJob):
                  batch_size: int, speed: SpeedOptions, splits: Sequence[str] | None = None,
                  process_index: int = 0, seconds_per_image: float | None = None) -> None:
         super().__init__(manifest.layout)
-        self.manifest, self.entry, self.device = manifest, entry, torch.device(device)
+        self.manifest, self.entry, self.device = manifest, entry, device
         self.batch_size, self.speed = batch_size, speed
         self.splits = sorted(set(splits)) if splits is not None else None
         self.mix = dict(manifest.generate.encoding_mix)
@@ -407,14 +395,19 @@ class GenerateJob(UnitJob):
             self.rebatched.append([j.id for j in batch])
         return [(job, result, seconds / len(batch)) for job, result in zip(batch, results, strict=True)]
 
-    def render(self, ctx: UnitContext, batches: list[list[Job]], stream: ShardStream) -> Tally:
-        """Render `batches` in order into `stream`, counting successes, failures and encodings."""
+    def render(self, ctx: UnitContext, batches: list[list[Job]], write: Callable[[dict[str, Any]], Any],
+               apart: bool = False) -> Tally:
+        """Render `batches` in order, handing each row to `write`, counting successes, failures and encodings.
+
+        `apart`: the batches are rendered apart from the shard's plan, so each is listed in `rebatched`."""
         tally = Tally()
         for batch in batches:
             ctx.check()
+            if apart:
+                self.rebatched.append([j.id for j in batch])
             for job, result, seconds in self.render_batch(batch):
                 row = self.row(job, result, seconds)
-                stream.write(row)
+                write(row)
                 tally.add(row, seconds)
             ctx.advance(len(batch))
         return tally
@@ -464,7 +457,7 @@ class GenerateJob(UnitJob):
         output = self.outputs(unit)[0]
         stream = ctx.stream(output, GEN_FEATURES)
         try:
-            tally = self.render(ctx, batches, stream)
+            tally = self.render(ctx, batches, stream.write)
             if ctx.commit(stream) is None:
                 ctx.write_shard([], output, GEN_FEATURES)  # no record of the requested splits: an empty, done shard
         except BaseException:
@@ -526,34 +519,13 @@ class GenerateJob(UnitJob):
         failed = {r["id"] for r in old.select(["id", "status"]).to_pylist() if r["status"] != "success"}
         jobs, _ = self._jobs(shard)
         redo = [j for j in jobs if j.id in failed]
-        self.rebatched = []
-        fresh: dict[str, dict] = {}
-        tally = Tally()
-        for batch in plan_batches(redo, self.batch_size):
-            ctx.check()
-            self.rebatched.append([j.id for j in batch])  # rendered other than in the shard's plan
-            for job, result, seconds in self.render_batch(batch):
-                row = self.row(job, result, seconds)
-                fresh[job.id] = row
-                tally.add(row, seconds)
-            ctx.advance(len(batch))
-        rows = [fresh.get(row["id"], row) for row in old.to_pylist()]
+        fresh, tally = self._render_apart(ctx, redo)
+        by_id = {row["id"]: row for row in fresh}
+        rows = [by_id.get(row["id"], row) for row in old.to_pylist()]
         ctx.write_shard(rows, output, GEN_FEATURES)
-        merged = Tally()
-        for row in rows:
-            merged.add(row, 0.0)
         attempt = {"retried": sorted(failed), "recovered": tally.counts["success"], "at": time.time(),
                    "seconds": round(time.time() - started, 3), "process_index": self.process_index}
-        new_stats = {
-            **stats,
-            "success": merged.counts["success"],
-            "failed": merged.counts["failed"],
-            "failures_by_reason": dict(sorted(merged.reasons.items())),
-            "encodings": dict(sorted(merged.encodings.items())),
-            "rebatched": [*stats.get("rebatched", []), *self.rebatched],
-            "retries": [*stats.get("retries", []), attempt],
-            "provenance": stats.get("provenance") or self.provenance,
-        }
+        new_stats = {**self._restated(stats, rows), "retries": [*stats.get("retries", []), attempt]}
         return tally.work(new_stats, len(redo))
 
     def refresh(self, ctx: UnitContext, stats: dict[str, Any]) -> UnitWork:
@@ -565,39 +537,41 @@ class GenerateJob(UnitJob):
         output = self.layout.gen(self.entry.name, shard)
         old = self.store.read_table(output)
         have = set(old["id"].to_pylist())
-        missing = [j for j in self.render_jobs(shard) if j.id not in have]
-        self.rebatched = []
-        fresh: list[dict[str, Any]] = []
-        tally = Tally()
-        for batch in plan_batches(missing, self.batch_size):
-            ctx.check()
-            self.rebatched.append([j.id for j in batch])  # rendered apart from the shard's plan
-            for job, result, seconds in self.render_batch(batch):
-                row = self.row(job, result, seconds)
-                fresh.append(row)
-                tally.add(row, seconds)
-            ctx.advance(len(batch))
+        fresh, tally = self._render_apart(ctx, [j for j in self.render_jobs(shard) if j.id not in have])
         rows = old.to_pylist() + fresh
         if fresh:
             ctx.write_shard(rows, output, GEN_FEATURES)
-        merged = Tally()
-        for row in rows:
-            merged.add(row, 0.0)
         topup = {"added": len(fresh), "success": tally.counts["success"], "at": time.time(),
                  "seconds": round(time.time() - started, 3), "process_index": self.process_index}
         new_stats = {
-            **stats,
+            **self._restated(stats, rows),
             "records": stats.get("records", len(have)) + len(fresh),
+            "added": [*stats.get("added", []), *(row["id"] for row in fresh)],
+            "topups": [*stats.get("topups", []), topup],
+        }
+        return tally.work(new_stats, len(fresh))
+
+    def _render_apart(self, ctx: UnitContext, jobs: Sequence[Job]) -> tuple[list[dict[str, Any]], Tally]:
+        """Render `jobs` in batches apart from the shard's plan (kept for `rebatched`): their rows and tally."""
+        self.rebatched = []
+        rows: list[dict[str, Any]] = []
+        tally = self.render(ctx, plan_batches(jobs, self.batch_size), rows.append, apart=True)
+        return rows, tally
+
+    def _restated(self, stats: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """A done shard's stats counted again over all its `rows`, with the batches just rendered apart."""
+        merged = Tally()
+        for row in rows:
+            merged.add(row, 0.0)
+        return {
+            **stats,
             "success": merged.counts["success"],
             "failed": merged.counts["failed"],
             "failures_by_reason": dict(sorted(merged.reasons.items())),
             "encodings": dict(sorted(merged.encodings.items())),
             "rebatched": [*stats.get("rebatched", []), *self.rebatched],
-            "added": [*stats.get("added", []), *(row["id"] for row in fresh)],
-            "topups": [*stats.get("topups", []), topup],
             "provenance": stats.get("provenance") or self.provenance,
         }
-        return tally.work(new_stats, len(fresh))
 
 
 @dataclass
@@ -631,20 +605,6 @@ class Tally:
     def work(self, stats: dict[str, Any], records: int) -> UnitWork:
         return UnitWork(stats, records=records, failed=self.counts["failed"], reasons=Counter(self.reasons),
                         counts=Counter(success=self.counts["success"]))
-
-
-def prepare_weights(entry: Entry, state: PartialState) -> None:
-    """Build tiny twins on the main process first: under torch.distributed, transformers saves weights on rank 0 only."""
-    if not isinstance(entry, GeneratorEntry):
-        return
-    with state.main_process_first():
-        for spec in (entry, *entry.stages):
-            resolve_model_path(spec)
-
-
-def process_state() -> PartialState:
-    """This process's Accelerate state (CPU processes with gloo when there is no CUDA)."""
-    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def seconds_per_image(manifest: Manifest, generator: str) -> float | None:
@@ -686,10 +646,10 @@ def generate_shards(
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {speed.dtype!r}")
     if splits is not None and set(splits) - set(SPLITS):
         raise ValueError(f"unknown splits {sorted(set(splits) - set(SPLITS))} (allowed: {', '.join(SPLITS)})")
-    layout = manifest.layout
-    every = sorted(set(shards)) if shards is not None else layout.record_shards()
-    if not every:
-        raise UsageError(f"no records shards under {layout.url(layout.root / 'records')}: run `d3builder select` first")
+    every = manifest.layout.wanted_shards(shards)
+    # runtime holds the model stack: it loads here, not when the command line starts
+    from d3builder.generators.runtime import prepare_weights, process_state
+
     state = process_state()
     prepare_weights(entry, state)
     job = GenerateJob(manifest, entry, device=state.device, batch_size=batch_size, speed=speed, splits=splits,

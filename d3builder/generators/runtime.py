@@ -1,10 +1,9 @@
-"""Runtime API of the generate stage: load a registry entry as a diffusers pipeline and render batches."""
+"""Runtime of the generate stage, where the model stack (torch, diffusers, transformers, Accelerate) loads: a registry
+entry loaded as diffusers pipelines that render batches, and the process state they run under."""
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,15 +11,14 @@ import diffusers
 import numpy as np
 import torch
 import transformers
+from accelerate import PartialState
 from diffusers.utils import deprecation_utils, is_bs4_available, is_ftfy_available
-from PIL import Image, ImageOps
+from PIL import Image
 
-from d3builder.generators.registry import TINY_SCHEME, GeneratorEntry, StageEntry
+from d3builder.generators.registry import TINY_SCHEME, Entry, GeneratorEntry, StageEntry
+from d3builder.generators.results import NAN_OUTPUT, GenerationResult, fit, short_error
 from d3builder.generators.tiny import TINY_VERSION, tiny_model_path
 
-NAN_OUTPUT = "nan_output"
-MAX_ERROR_CHARS = 500
-SEED_RANGE = 2**32  # seeds stay in uint32 so that every RNG (torch, numpy) accepts them
 # Pipelines whose "pt" output is the raw [-1, 1] sample and whose image input is taken as [-1, 1] as is
 # (others postprocess "pt" output to [0, 1] and expect [0, 1] image tensors).
 RAW_RANGE_PIPELINES = ("IFPipeline", "IFSuperResolutionPipeline")
@@ -28,65 +26,11 @@ RAW_RANGE_PIPELINES = ("IFPipeline", "IFSuperResolutionPipeline")
 DTYPE_ARG = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
-def _digest(*parts: object) -> int:
-    """Stable 256-bit integer hash of the parts (never Python's salted hash())."""
-    text = "\x1f".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest(), "big")
-
-
-def seed_for(record_id: str, generator_name: str, global_seed: int) -> int:
-    """Seed of one (record, generator) pair, in [0, 2**32)."""
-    return _digest("seed", global_seed, generator_name, record_id) % SEED_RANGE
-
-
-def size_for(record_id: str, generator_name: str, global_seed: int,
-             sizes: tuple[tuple[int, int], ...] | list[tuple[int, int]]) -> tuple[int, int]:
-    """Output (width, height) of one (record, generator) pair, drawn uniformly from `sizes`."""
-    if not sizes:
-        raise ValueError("sizes must not be empty")
-    width, height = sizes[_digest("size", global_seed, generator_name, record_id) % len(sizes)]
-    return int(width), int(height)
-
-
 def resolve_model_path(entry: GeneratorEntry | StageEntry) -> str:
     """Where from_pretrained loads the entry: the built tiny twin's folder, or the hub id / local path."""
     if entry.model.startswith(TINY_SCHEME):
         return str(tiny_model_path(entry.model[len(TINY_SCHEME):]))
     return entry.model
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """One rendered image or the reason it failed.
-
-    `image` (RGB, exactly width x height) is encoded later per the encoding mix; `data` is an image already
-    encoded elsewhere (an HTTP API, a folder), kept byte for byte with its real `encoding`. `fields` holds
-    per-image provenance columns (e.g. a folder index's seed) that override the generator's."""
-
-    seed: int | None
-    width: int | None
-    height: int | None
-    image: Image.Image | None = None
-    error: str | None = None
-    resized_from: tuple[int, int] | None = None  # the pipeline's native (width, height) when it differed
-    stages_run: int = 1  # pipelines run for this image (base + cascade stages)
-    data: bytes | None = None
-    encoding: str | None = None
-    pipeline: str | None = None
-    fields: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        """True when an image was produced."""
-        return self.error is None
-
-
-def fit(image: Image.Image, width: int, height: int) -> tuple[Image.Image, tuple[int, int] | None]:
-    """`image` at exactly width x height (centre crop to the aspect, then LANCZOS) and its native size if it differed."""
-    native = image.size
-    if native == (width, height):
-        return image, None
-    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS), native
 
 
 def negative_argument(negatives: list[str]) -> list[str] | None:
@@ -192,12 +136,6 @@ def _stage_input(pipe: Any, images01: torch.Tensor) -> torch.Tensor:
     if type(pipe).__name__ in RAW_RANGE_PIPELINES:
         return images01 * 2 - 1
     return images01
-
-
-def short_error(exc: BaseException) -> str:
-    """One-line reason for a failed batch."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text[:MAX_ERROR_CHARS]
 
 
 def _to_pil(array: np.ndarray) -> Image.Image | None:
@@ -313,10 +251,13 @@ class LoadedGenerator:
             "generator_device": "cpu",
             "resize": "centre crop to the target aspect + LANCZOS, only where the native size differs",
             **self.switches,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
+            **stack_versions(),
         }
+
+
+def stack_versions() -> dict[str, str]:
+    """Versions of the model stack that renders (stored with every generated shard)."""
+    return {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
 
 
 def _spec_provenance(spec: GeneratorEntry | StageEntry, pipe: Any) -> dict[str, Any]:
@@ -359,3 +300,17 @@ def load_generator(entry: GeneratorEntry, device: str | torch.device, *, dtype: 
         stages.append(stage)
     return LoadedGenerator(entry=entry, pipe=pipe, stages=stages, device=device, dtype=base_dtype,
                            switches=switches)
+
+
+def prepare_weights(entry: Entry, state: PartialState) -> None:
+    """Build tiny twins on the main process first: under torch.distributed, transformers saves weights on rank 0 only."""
+    if not isinstance(entry, GeneratorEntry):
+        return
+    with state.main_process_first():
+        for spec in (entry, *entry.stages):
+            resolve_model_path(spec)
+
+
+def process_state() -> PartialState:
+    """This process's Accelerate state (CPU processes with gloo when there is no CUDA)."""
+    return PartialState(cpu=not torch.cuda.is_available())

@@ -43,6 +43,8 @@ from transformers import (
     T5Tokenizer,
 )
 
+from d3builder.generators.checker import TINY_PIPELINES
+
 # Bump when a builder changes, so stale cached twins are rebuilt rather than reused.
 TINY_VERSION = "v1"
 CACHE_ENV = "D3CODE_TINY_CACHE"
@@ -50,18 +52,6 @@ CLIP_MERGES = 4096  # first BPE merges of open_clip's vocabulary kept: 4,610 tok
 T5_WORDS = 2048  # whole-word pieces kept for the tiny T5 unigram vocabulary
 HIDDEN = 32  # text-encoder width of every twin
 SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-
-# kind -> diffusers pipeline class name; the registry checks entries against it without building anything.
-TINY_PIPELINES: dict[str, str] = {
-    "sd14": "StableDiffusionPipeline",
-    "sd21": "StableDiffusionPipeline",
-    "sdxl": "StableDiffusionXLPipeline",
-    "if": "IFPipeline",
-    "if-ii": "IFSuperResolutionPipeline",
-    "x4-upscaler": "StableDiffusionUpscalePipeline",
-    "lcm": "LatentConsistencyModelPipeline",
-    "pixart": "PixArtAlphaPipeline",
-}
 
 
 def _seeded(seed: int) -> None:

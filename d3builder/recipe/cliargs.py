@@ -6,11 +6,11 @@ Generator modules (diffusers, torch) are imported only by the commands that rend
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from d3builder.core.commandline import shard_list
 from d3builder.recipe.manifest import Manifest, load_manifest
-from d3builder.storage.runner import ExitCode, RunSummary, UnitRunner
+from d3builder.storage.runner import ExitCode, RunSummary
 
 if TYPE_CHECKING:
     from d3builder.generators.render import SpeedOptions
@@ -43,12 +43,6 @@ def add_unit_args(parser: argparse.ArgumentParser, retry: bool = False) -> None:
         parser.add_argument("--retry-failed", action="store_true",
                             help="also redo the failed records of done units and merge them in")
     add_progress_arg(parser)
-
-
-def runner_from_args(manifest: Manifest, args: argparse.Namespace, **options: Any) -> UnitRunner:
-    """The manifest's UnitRunner with the command line's --no-wait, --no-progress and --retry-failed."""
-    return manifest.runner(wait=args.wait, progress=args.progress,
-                           retry_failed=getattr(args, "retry_failed", False), **options)
 
 
 def report(*summaries: RunSummary) -> int:

@@ -9,7 +9,6 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import PurePath
 
-from d3builder.core.commandline import UsageError
 from d3builder.recipe.cliargs import (
     add_manifest_args,
     add_unit_args,
@@ -125,10 +124,7 @@ def assemble_dataset(manifest: Manifest, shards: Sequence[int] | None = None, pr
 
     `wait_inputs` waits for input units nobody has started yet (a worker beside fetch-real's and generate's).
     Raises UsageError when there is no records shard at all (run select first): no empty card is written."""
-    layout = manifest.layout
-    wanted = layout.record_shards() if shards is None else sorted(set(shards))
-    if not wanted:
-        raise UsageError(f"no records shards under {layout.url(layout.root / 'records')}: run `d3builder select` first")
+    wanted = manifest.layout.wanted_shards(shards)
     runner = manifest.runner(progress=progress, wait=wait, wait_inputs=wait_inputs)
     summary = runner.run(AssembleJob(manifest, row_group_size), [Unit(STAGE, k) for k in wanted])
     write_dataset_card(manifest)

@@ -31,7 +31,6 @@ from d3builder.generators.render import (
     covers,
     generate_shards,
     manifest_registry,
-    process_state,
     registry_entry,
 )
 from d3builder.recipe.cliargs import (
@@ -157,10 +156,10 @@ def extend(
     entries = [registry_entry(registry, name) for name in names]
     for entry in entries:
         check_ready(entry)
-    layout = manifest.layout
-    every = sorted(set(shards)) if shards is not None else layout.record_shards()
-    if not every:
-        raise UsageError(f"no records shards under {layout.url(layout.root / 'records')}: run `d3builder select` first")
+    every = manifest.layout.wanted_shards(shards)
+    # runtime holds the model stack: it loads here, not when the command line starts
+    from d3builder.generators.runtime import process_state
+
     state = process_state()
     summaries = []
     for entry in entries:

@@ -401,9 +401,7 @@ def fetch_real(
 
     Raises UsageError when there is no records shard at all (run select first)."""
     layout = manifest.layout
-    wanted = layout.record_shards() if shards is None else sorted(set(shards))
-    if not wanted:
-        raise UsageError(f"no records shards under {layout.url(layout.root / 'records')}: run `d3builder select` first")
+    wanted = layout.wanted_shards(shards)
     runner = manifest.runner(retry_failed=retry_failed, progress=progress, wait=wait)
     return runner.run(FetchJob(layout, manifest.fetch, progress), [Unit(STAGE, k) for k in wanted])
 

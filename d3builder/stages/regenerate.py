@@ -16,9 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from d3builder.core.commandline import UsageError
 from d3builder.generators.encoding import (
@@ -35,11 +33,15 @@ from d3builder.generators.render import (
     registry_entry,
     replay_batches,
 )
-from d3builder.generators.runtime import LoadedGenerator, load_generator
 from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
 from d3builder.recipe.manifest import Manifest
 from d3builder.storage.layout import DataLayout, extension, shard_number
 from d3builder.storage.store import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import torch
+
+    from d3builder.generators.runtime import LoadedGenerator
 
 META_COLUMNS = ["id", "status", "seed", "width", "height", "prompt", "negative_prompt", "encoding",
                 "num_inference_steps", "guidance_scale", "scheduler", "model", "model_revision"]
@@ -108,10 +110,12 @@ def _differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 
 class _Renderer:
-    """Loads the generator once per distinct stored configuration."""
+    """Loads the generator once per distinct stored configuration, on `device` (default: CUDA when available)."""
 
-    def __init__(self, entry: GeneratorEntry, device: torch.device) -> None:
-        self.entry, self.device = entry, device
+    def __init__(self, entry: GeneratorEntry, device: str | torch.device | None) -> None:
+        import torch  # the model stack loads with the renderer, not when the command line starts
+
+        self.entry, self.device = entry, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cache: dict[str, LoadedGenerator] = {}
 
     def get(self, provenance: dict[str, Any]) -> LoadedGenerator:
@@ -120,6 +124,8 @@ class _Renderer:
         options = {k: bool(provenance.get(k, k == "sdpa")) for k in SWITCHES}
         key = repr((entry, dtype, options))
         if key not in self.cache:
+            from d3builder.generators.runtime import load_generator
+
             self.cache[key] = load_generator(entry, self.device, dtype=dtype, **options)
         return self.cache[key]
 
@@ -195,7 +201,6 @@ def regenerate(
     if out_dir is None and not layout.store.local:
         raise UsageError(f"{layout.url(layout.root)} is not a local folder: pass --out-dir for the regenerated files")
     out = Path(out_dir) if out_dir is not None else Path(layout.root) / "regenerated" / entry.name
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ids = list(dict.fromkeys(ids))
     where = locate(layout, entry.name, ids)
     results = {i: Regenerated(i, error=f"not found in {layout.url(layout.gen(entry.name, 0).parent)}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import PurePath
 from typing import Any
 
+from d3builder.core.commandline import UsageError
 from d3builder.storage.schema import SOURCE_SPLIT
 from d3builder.storage.store import open_store
 
@@ -122,3 +124,10 @@ class DataLayout:
     def record_shards(self) -> list[int]:
         """Shard numbers written by `select`, in order."""
         return sorted(shard_number(p) for p in self.store.glob(self.root / "records" / "[0-9]*.parquet"))
+
+    def wanted_shards(self, shards: Sequence[int] | None) -> list[int]:
+        """The records shards a stage runs on: `shards` (sorted, distinct) or every one; UsageError when none."""
+        wanted = self.record_shards() if shards is None else sorted(set(shards))
+        if not wanted:
+            raise UsageError(f"no records shards under {self.url(self.root / 'records')}: run `d3builder select` first")
+        return wanted

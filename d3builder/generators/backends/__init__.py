@@ -7,9 +7,8 @@ key); `availability` says the same for `extend --list` without raising.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from huggingface_hub import try_to_load_from_cache
 
 from d3builder.generators.backends.base import Backend
@@ -20,6 +19,9 @@ from d3builder.generators.backends.webapi import WebApiBackend, api_key
 from d3builder.generators.checker import TINY_SCHEME, RegistryError
 from d3builder.generators.kinds import FolderEntry, HttpEntry, PythonEntry
 from d3builder.generators.registry import Entry, GeneratorEntry
+
+if TYPE_CHECKING:
+    import torch
 
 
 def load_backend(entry: Entry, device: str | torch.device, speed: Mapping[str, Any]) -> Backend:

@@ -6,7 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from d3builder.generators.runtime import GenerationResult
+from d3builder.generators.kinds import HttpEntry, PythonEntry
+from d3builder.generators.results import GenerationResult
 from d3builder.imaging.inspection import inspect_image
 
 FAILURE_REASONS = frozenset({
@@ -53,6 +54,19 @@ class Columns:
     not_recorded: Mapping[str, str] = field(default_factory=dict)
     encoded_here: bool = True
     """Images come as pixels, encoded per the encoding mix (diffusers, python); False: as files kept as made."""
+
+
+def stated_columns(entry: PythonEntry | HttpEntry, pipeline: str, not_recorded: dict[str, str], *,
+                   gives: str = "states", encoded_here: bool = True) -> Columns:
+    """The columns of an entry that states its own model, revision, steps and guidance; those it leaves out join
+    `not_recorded` (`gives`: how the entry gives steps and guidance, e.g. "sends")."""
+    stated = {"model_revision": (entry.revision, "states no revision"),
+              "num_inference_steps": (entry.steps, f"{gives} no steps"),
+              "guidance_scale": (entry.guidance, f"{gives} no guidance")}
+    not_recorded.update({column: f"the entry {why}" for column, (value, why) in stated.items() if value is None})
+    return Columns(model=entry.model, pipeline=pipeline, model_revision=entry.revision,
+                   num_inference_steps=entry.steps, guidance_scale=entry.guidance, not_recorded=not_recorded,
+                   encoded_here=encoded_here)
 
 
 class Backend(Protocol):

@@ -26,7 +26,7 @@ from d3builder.generators.kinds import (
     FolderEntry,
     check_provenance_value,
 )
-from d3builder.generators.runtime import GenerationResult
+from d3builder.generators.results import GenerationResult
 
 PIPELINE = "folder"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")

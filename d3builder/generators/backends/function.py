@@ -9,10 +9,16 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from d3builder.generators.backends.base import Columns, Job, failed, ready_encoded
+from d3builder.generators.backends.base import (
+    Columns,
+    Job,
+    failed,
+    ready_encoded,
+    stated_columns,
+)
 from d3builder.generators.checker import RegistryError
 from d3builder.generators.kinds import PythonEntry
-from d3builder.generators.runtime import GenerationResult, fit, short_error
+from d3builder.generators.results import GenerationResult, fit, short_error
 
 MAX_IMAGE_BYTES = 50_000_000
 PIPELINE = "python"
@@ -69,15 +75,7 @@ class FunctionBackend:
                         "dtype": "a python generator reports no dtype",
                         "safety_checker": "a python generator has no safety checker switch",
                         "watermark": "a python generator has no watermark switch"}
-        if self.entry.steps is None:
-            not_recorded["num_inference_steps"] = "the entry states no steps"
-        if self.entry.guidance is None:
-            not_recorded["guidance_scale"] = "the entry states no guidance"
-        if self.entry.revision is None:
-            not_recorded["model_revision"] = "the entry states no revision"
-        return Columns(model=self.entry.model, pipeline=PIPELINE, model_revision=self.entry.revision,
-                       num_inference_steps=self.entry.steps, guidance_scale=self.entry.guidance,
-                       not_recorded=not_recorded)
+        return stated_columns(self.entry, PIPELINE, not_recorded)
 
     def provenance(self) -> dict[str, Any]:
         """The callable, where it was imported from, and the package version when it has one."""

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from d3builder.generators.backends.base import Columns, Job
 from d3builder.generators.registry import GeneratorEntry
-from d3builder.generators.runtime import GenerationResult, load_generator
+from d3builder.generators.results import GenerationResult
+
+if TYPE_CHECKING:
+    import torch
 
 
 class PipelineBackend:
     """The entry's pipeline (and cascade stages) loaded once on a device."""
 
     def __init__(self, entry: GeneratorEntry, device: str | torch.device, speed: Mapping[str, Any]) -> None:
+        # runtime holds the model stack: it loads with the first diffusers backend, not when the command line starts
+        from d3builder.generators.runtime import load_generator
+
         self.entry = entry
         self.loaded = load_generator(entry, device, **speed)
         self._provenance = self.loaded.provenance()

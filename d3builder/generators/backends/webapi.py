@@ -22,7 +22,13 @@ from typing import Any
 
 import requests
 
-from d3builder.generators.backends.base import Columns, Job, failed, ready_encoded
+from d3builder.generators.backends.base import (
+    Columns,
+    Job,
+    failed,
+    ready_encoded,
+    stated_columns,
+)
 from d3builder.generators.backends.transport import (
     FetchError,
     Limits,
@@ -32,7 +38,7 @@ from d3builder.generators.backends.transport import (
 )
 from d3builder.generators.checker import RegistryError
 from d3builder.generators.kinds import PLACEHOLDER_RE, HttpEntry
-from d3builder.generators.runtime import GenerationResult
+from d3builder.generators.results import GenerationResult
 
 PIPELINE = "http"
 MAX_BACKOFF_S = 300.0
@@ -121,15 +127,7 @@ class WebApiBackend:
                         "safety_checker": "an HTTP API's safety filtering is not known",
                         "watermark": "an HTTP API's watermarking is not known",
                         "jpeg_quality": "the API's image is kept as it was sent; its JPEG quality is not known"}
-        if self.entry.revision is None:
-            not_recorded["model_revision"] = "the entry states no revision"
-        if self.entry.steps is None:
-            not_recorded["num_inference_steps"] = "the entry sends no steps"
-        if self.entry.guidance is None:
-            not_recorded["guidance_scale"] = "the entry sends no guidance"
-        return Columns(model=self.entry.model, pipeline=PIPELINE, model_revision=self.entry.revision,
-                       num_inference_steps=self.entry.steps, guidance_scale=self.entry.guidance,
-                       not_recorded=not_recorded, encoded_here=False)
+        return stated_columns(self.entry, PIPELINE, not_recorded, gives="sends", encoded_here=False)
 
     def provenance(self) -> dict[str, Any]:
         """The endpoint, the request template and the limits; the key's variable name, never its value."""
