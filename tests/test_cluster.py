@@ -272,3 +272,18 @@ def test_launch_exit_codes(tmp_path: Path, served: str) -> None:
 
     assert launch_stage(recipe, "fetch-real", 1, interval=60.0, out=kill_first_worker) == ExitCode.FAILED
     assert lines[-1] == "fetch-real: 1 task(s) ended, exit codes 1"
+
+
+def test_fetch_distributor_is_refused_or_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """img2dataset's pyspark/ray distributors never worked here: refused naming file and key; multiprocessing
+    (what every fetch-real unit uses) is ignored with a warning."""
+    recipe = write_recipe(tmp_path)
+    mapping = yaml.safe_load(recipe.read_text())
+    mapping["fetch"]["distributor"] = "pyspark"
+    recipe.write_text(yaml.safe_dump(mapping))
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: fetch: distributor: 'pyspark' is no longer supported"):
+        load_manifest(recipe)
+    mapping["fetch"]["distributor"] = "multiprocessing"
+    recipe.write_text(yaml.safe_dump(mapping))
+    assert load_manifest(recipe).fetch.distributor == "multiprocessing"
+    assert "fetch.distributor is deprecated and ignored" in caplog.text
