@@ -83,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         executor = make_executor(manifest.executor, args.executor)
-    except UsageError as exc:
+        try:
+            return run_phases(manifest, phases, executor, args.interval)
+        finally:
+            executor.close()
+    except UsageError as exc:  # no Ray installed, more GPU workers than this machine has (local), ...
         print(f"full_d3.py: {exc}", file=sys.stderr)
         return 2
-    try:
-        return run_phases(manifest, phases, executor, args.interval)
-    finally:
-        executor.close()
 
 
 if __name__ == "__main__":

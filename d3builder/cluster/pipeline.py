@@ -112,12 +112,17 @@ def run_phases(manifest: Manifest, phases: Sequence[Phase], executor: Executor, 
     """Start each phase's steps with `executor`, follow them to their end; stop at the first phase that did not
     end with exit code 0 and return that code."""
     for phase in phases:
-        groups = []
-        for step in phase.steps:
-            launch = executor.start(step.tasks, step.name)
-            out(f"{executor.kind}: phase {phase.name}: started {len(step.tasks)} task(s) of {step.name}: "
-                f"{', '.join(launch.ids)}")
-            groups.append(Group(step.name, launch, _rows(manifest, step)))
+        groups: list[Group] = []
+        try:
+            for step in phase.steps:
+                launch = executor.start(step.tasks, step.name)
+                out(f"{executor.kind}: phase {phase.name}: started {len(step.tasks)} task(s) of {step.name}: "
+                    f"{', '.join(launch.ids)}")
+                groups.append(Group(step.name, launch, _rows(manifest, step)))
+        except BaseException:  # a step the engine refused: the phase's other steps do not run half a phase
+            for group in groups:
+                group.launch.cancel()
+            raise
         code = follow(groups, interval, out)
         if code != ExitCode.OK:
             out(f"phase {phase.name} ended with exit code {code}: fix what it names and rerun the same command "
