@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "dataloader": ([], ["--records", "96"]),
     "train_step": ([], ["--steps", "2"]),
     "storage": (["--repeats", "2"], []),
+    "cluster_yield": ([], ["--records", "32"]),
     "generate_gpu": ([], ["--steps", "5", "--batches", "1", "--naive-images", "1"]),
 }
 """Benchmark script -> (default arguments, --quick arguments)."""

@@ -28,6 +28,7 @@ import yaml
 from datasets import Dataset
 from PIL import Image
 from skimage.data import astronaut
+from slowserver import slow_server
 
 from d3builder.cli import COMMAND_MODULES
 from d3builder.download.errors import download_error_text, error_text
@@ -267,32 +268,6 @@ def test_cli_parses_shards_and_refuses_bad_lists(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["fetch-real", "--manifest", "m.yaml", "--shards", "zero"])
     assert "comma-separated shard numbers" in capsys.readouterr().err
-
-
-class _SlowHandler(SimpleHTTPRequestHandler):
-    """Serves files after a pause, so a fetch run is still going when it is killed."""
-
-    delay_s = 0.4
-
-    def do_GET(self) -> None:
-        time.sleep(self.delay_s)
-        super().do_GET()
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - base class signature
-        pass
-
-
-@contextmanager
-def slow_server(folder: Path) -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_SlowHandler, directory=str(folder)))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.slow

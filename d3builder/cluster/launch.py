@@ -63,7 +63,7 @@ def follow(groups: Sequence[Group], interval: float = 30.0, out: Callable[[str],
     for group in groups:
         ended = [int(code) for code in group.launch.poll() if code is not None]
         out(f"{group.name}: {len(ended)} task(s) ended, exit codes {', '.join(map(str, ended))}")
-        codes += ended
+        codes += [code if code in iter(ExitCode) else int(ExitCode.FAILED) for code in ended]  # a command may exit 127
     return int(ExitCode.worst(codes))
 
 

@@ -30,16 +30,39 @@ class ThroughputTable:
     gpu: str
     generators: dict[str, GeneratorThroughput]
     download_yield: float = 0.72
+    """Fraction of selected records whose real image downloads (D3_FACTS.md: 68-75% today)."""
     train_records_per_second_per_gpu: float = 3000.0
+    download_urls_per_second_per_worker: float = 400.0
+    """URLs one fetch-real worker (one img2dataset run, fetch.processes x fetch.threads) gets through per second."""
 
     def validate(self) -> None:
         if not 0.0 < self.download_yield <= 1.0:
             raise ValueError("download_yield must be in (0, 1]")
+        if self.download_urls_per_second_per_worker <= 0:
+            raise ValueError("download_urls_per_second_per_worker must be > 0")
 
 
 def load_throughput(path: str | Path) -> ThroughputTable:
     """Load a throughput table (YAML), validated."""
     return from_mapping(ThroughputTable, read_yaml(path), path)
+
+
+@dataclass(frozen=True)
+class ClusterSize:
+    """The machines a build runs on: GPU workers (one per GPU) and CPU workers (fetch-real, assemble, ...)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpu_workers: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "gpus_per_node", "cpu_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def gpu_workers(self) -> int:
+        return self.nodes * self.gpus_per_node
 
 
 @dataclass
@@ -64,6 +87,10 @@ class Plan:
     shards: int
     expected_reals: int
     gpu: str
+    fetch_hours: float = 0.0
+    """Hours one fetch-real worker needs for every URL."""
+    shard_fetch_hours: float = 0.0
+    """Hours one fetch-real unit takes (the pipeline's fill: generation starts after the first one)."""
     stages: list[StagePlan] = field(default_factory=list)
 
     @property
@@ -85,6 +112,41 @@ class Plan:
                      f"**{self.gpu_hours:,.1f}** |")
         return "\n".join(lines)
 
+    def hours(self, prefix: str) -> float:
+        """GPU-hours of the stages whose name starts with `prefix` (`generate`, `extend`, `codetrain train`)."""
+        return sum(stage.gpu_hours for stage in self.stages if stage.stage.startswith(prefix))
+
+    def wall_clock(self, cluster: ClusterSize) -> list[tuple[str, str, float]]:
+        """(phase, workers, hours) on `cluster`: fetch-real and generation run side by side (generation of shard
+        k starts once fetch-real has done shard k), then extend, then training on one node under Accelerate.
+        CPU stages after generation (assemble runs beside it; transform-test, validate) take minutes: not counted."""
+        fetch = self.fetch_hours / cluster.cpu_workers
+        generate = self.hours("generate") / cluster.gpu_workers
+        last_unit = max((s.gpu_hours / s.units for s in self.stages if s.stage.startswith("generate") and s.units),
+                        default=0.0)
+        build = max(fetch + last_unit, generate + self.shard_fetch_hours)
+        gpus, cpus = f"{cluster.gpu_workers} GPU", f"{cluster.cpu_workers} CPU"
+        return [
+            ("fetch-real + generate + assemble (pipelined)", f"{cpus} + {gpus}", build),
+            ("extend + transform-test", f"{gpus} + {cpus}", self.hours("extend") / cluster.gpu_workers),
+            ("codetrain train (one node, Accelerate)", f"{cluster.gpus_per_node} GPU",
+             self.hours("codetrain train") / cluster.gpus_per_node),
+        ]
+
+    def wall_clock_table(self, cluster: ClusterSize) -> str:
+        """`wall_clock` as a Markdown table with a total line."""
+        rows = self.wall_clock(cluster)
+        lines = [
+            f"Estimated wall-clock on {cluster.nodes} node(s) x {cluster.gpus_per_node} GPU(s) "
+            f"({cluster.gpu_workers} generation workers) and {cluster.cpu_workers} CPU workers:",
+            "",
+            "| phase | workers | hours |",
+            "|---|---|---:|",
+            *(f"| {phase} | {workers} | {hours:,.1f} |" for phase, workers, hours in rows),
+            f"| **total** | | **{sum(hours for *_, hours in rows):,.1f}** |",
+        ]
+        return "\n".join(lines)
+
 
 def _selected_records(manifest: Manifest) -> tuple[int, str]:
     """Records `select` chose (if it ran) or the recipe's estimate from the LAION-400M size."""
@@ -98,11 +160,13 @@ def _selected_records(manifest: Manifest) -> tuple[int, str]:
     return estimate, "estimated from LAION-400M size and the sampling fraction"
 
 
-def generation_units(images_per_shard: int, shards: int, seconds_per_image: float,
-                     max_unit_minutes: float) -> tuple[int, str]:
-    """Units of one generator: each shard cut into parts of at most `max_unit_minutes` of GPU time."""
-    parts = max(1, math.ceil(images_per_shard * seconds_per_image / (max_unit_minutes * 60)))
-    per_part = math.ceil(images_per_shard / parts)
+def generation_units(records_per_shard: int, shards: int, seconds_per_image: float,
+                     max_unit_minutes: float, rendered: float = 1.0) -> tuple[int, str]:
+    """Units of one generator: each shard cut into parts of at most `max_unit_minutes` of GPU time (counted on
+    every record, as `generate` cuts a shard before its reals are fetched), of which a `rendered` fraction is
+    rendered (the records whose real image was fetched)."""
+    parts = max(1, math.ceil(records_per_shard * seconds_per_image / (max_unit_minutes * 60)))
+    per_part = math.ceil(records_per_shard * rendered / parts)
     minutes = per_part * seconds_per_image / 60
     return shards * parts, f"{per_part:,} images, {minutes:,.{0 if minutes >= 10 else 1}f} GPU-min"
 
@@ -110,9 +174,10 @@ def generation_units(images_per_shard: int, shards: int, seconds_per_image: floa
 def make_plan(manifest: Manifest, throughput: ThroughputTable, train_epochs: int = 150) -> Plan:
     """Plan every stage of `manifest`; GPU-hours and generation unit sizes from the throughput table.
 
-    Generation renders every selected record (not only those whose real image was fetched), so that
-    images recovered later by `fetch-real --retry-failed` still have their fakes. A generation unit is
-    at most `generate.max_unit_minutes` of GPU time: bigger shards are split into parts.
+    Generation renders only the records whose real image was fetched (the table's `download_yield` of them;
+    records recovered later by `fetch-real --retry-failed` are topped up), or every selected record with
+    `generate.render_failed_reals`. A generation unit is at most `generate.max_unit_minutes` of GPU time:
+    bigger shards are split into parts.
     """
     registry = load_registries(*manifest.registry_paths())
     records, source = _selected_records(manifest)
@@ -121,8 +186,11 @@ def make_plan(manifest: Manifest, throughput: ThroughputTable, train_epochs: int
     test_records = int(reals * manifest.splits.get("test", 0.0))
     fit_records = int(reals * manifest.splits.get("fit", 0.0))
     train_records = int(reals * manifest.splits.get("train", 0.0))
-    plan = Plan(str(manifest.path), records, source, shards, reals, throughput.gpu)
     per_shard = min(manifest.shard_size, records)
+    rate = throughput.download_urls_per_second_per_worker * 3600
+    plan = Plan(str(manifest.path), records, source, shards, reals, throughput.gpu, records / rate, per_shard / rate)
+    rendered = 1.0 if manifest.generate.render_failed_reals else throughput.download_yield
+    images = int(records * rendered)
     max_minutes = manifest.generate.max_unit_minutes
     plan.stages += [
         StagePlan("select", 1, records, "records/{k}.parquet", unit_size=f"{records:,} records"),
@@ -136,14 +204,14 @@ def make_plan(manifest: Manifest, throughput: ThroughputTable, train_epochs: int
         if speed is None:
             raise KeyError(f"no throughput for generator {name!r} (gpu {throughput.gpu}): add it to the table")
         kind = "measured" if speed.measured else "estimated"
-        units, size = generation_units(per_shard, shards, speed.seconds_per_image, max_minutes)
+        units, size = generation_units(per_shard, shards, speed.seconds_per_image, max_minutes, rendered)
         plan.stages.append(
             StagePlan(
                 f"generate {name}",
                 units,
-                records,
+                images,
                 f"gen/{name}/{{k}}.parquet, {speed.seconds_per_image:g} s/image ({kind})",
-                records * speed.seconds_per_image / 3600,
+                images * speed.seconds_per_image / 3600,
                 size,
             )
         )
@@ -154,14 +222,15 @@ def make_plan(manifest: Manifest, throughput: ThroughputTable, train_epochs: int
                   unit_size=f"{math.ceil((test_records + fit_records) * per_record / max(shards, 1)):,} images"),
     ]
     test_selected = int(records * manifest.splits.get("test", 0.0))
+    test_images = int(test_selected * rendered)
     test_per_shard = math.ceil(test_selected / max(shards, 1))
     for name in manifest.extended.generators:
         speed = throughput.generators.get(name)
-        hours = test_selected * speed.seconds_per_image / 3600 if speed else 0.0
+        hours = test_images * speed.seconds_per_image / 3600 if speed else 0.0
         what = f"extended/{name}/" + ("" if speed else " (no throughput figure: not counted)")
-        units, size = (generation_units(test_per_shard, shards, speed.seconds_per_image, max_minutes) if speed
-                       else (shards, f"{test_per_shard:,} images"))
-        plan.stages.append(StagePlan(f"extend {name}", units, test_selected, what, hours, size))
+        units, size = (generation_units(test_per_shard, shards, speed.seconds_per_image, max_minutes, rendered)
+                       if speed else (shards, f"{math.ceil(test_per_shard * rendered):,} images"))
+        plan.stages.append(StagePlan(f"extend {name}", units, test_images, what, hours, size))
     plan.stages += [
         StagePlan("validate", shards, reals * per_record, "every image decoded (CPU)",
                   unit_size=f"{math.ceil(reals * per_record / max(shards, 1)):,} images"),
