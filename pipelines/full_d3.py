@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from d3builder.cluster.executor import make_executor
+from d3builder.cluster.launch import absolute
 from d3builder.cluster.pipeline import (
     Phase,
     Step,
@@ -36,12 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def training_phases(manifest: Manifest, cluster: ClusterSize, train_config: str, accelerate_config: str) -> list[Phase]:
     """CoDE training on one node (every GPU of it, under Accelerate), then the evaluation on one GPU."""
-    d3 = str(manifest.layout.d3_dir())
-    run = str(Path(manifest.output_root) / "runs" / "code")
+    root = (absolute(manifest) or manifest.output_root).rstrip("/")  # an absolute local path or the URL
+    d3, run = f"{root}/d3", f"{root}/runs/code"
     gpus = cluster.gpus_per_node if manifest.executor.gpus_per_generation_worker else 0
     train = ["-m", "accelerate.commands.launch", "--config_file", accelerate_config, "--num_processes",
              str(max(gpus, 1)), "-m", "codetrain", "train", "--config", train_config, "--data", d3, "--run", run]
-    evaluate = ["-m", "codetrain", "evaluate", "--run", run, "--data", d3, "--extended", str(manifest.output_root)]
+    evaluate = ["-m", "codetrain", "evaluate", "--run", run, "--data", d3, "--extended", root]
     return [Phase("train", [Step("train", [command_task("train", train, gpus)])]),
             Phase("evaluate", [Step("evaluate", [command_task("evaluate", evaluate, min(gpus, 1))])])]
 

@@ -37,6 +37,16 @@ def test_dry_run_prints_the_plan_and_every_stage_command(tmp_path: Path, capsys:
     assert not list(tmp_path.iterdir()), "a dry run must not write anything"
 
 
+def test_dry_run_on_an_object_store_keeps_the_url_in_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """Workers, validation, training and evaluation all get the output root as a URL, never a mangled path."""
+    assert run_script("pipelines/full_d3.py", ["--dry-run", "--output-root", "memory://recipe-d3"]) == 0
+    out = capsys.readouterr().out
+    assert "--stage generate --generator sd14" in out and "--output-root memory://recipe-d3" in out
+    assert "--data memory://recipe-d3/d3 --run memory://recipe-d3/runs/code" in out
+    assert "--extended memory://recipe-d3" in out
+    assert "memory:/recipe" not in out
+
+
 def test_dry_run_for_a_small_cluster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """2 nodes x 4 GPUs, 3 CPU workers: generation (5,270 GPU-hours on 8 GPUs) outlasts the downloads (3.1M URLs
     at 400/s on 3 workers: 0.72 h), so the build phase is generation plus one fetch unit (5,000 URLs: 12.5 s)."""
