@@ -155,6 +155,21 @@ def test_s3_root_assembles_validates_and_loads_with_datasets(tmp_path: Path, s3_
     assert not [k for k in fs.find(root.removeprefix("s3://")) if ".tmp" in k]
 
 
+def test_validate_checks_completeness_on_an_s3_root(tmp_path: Path, s3_bucket: str, s3,  # noqa: F811
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """An incomplete output root on S3 fails validate, each gap named by its URL, as on a local folder."""
+    inputs = make_stage_inputs(tmp_path / "local", 8, 2, skip=[("sd21-tiny", 3)])
+    root = f"{s3_bucket}/partial"
+    s3.upload(Path(inputs.layout.root), root)
+    assert cli.main(["assemble", "-m", str(inputs.manifest.path), "--output-root", root, "--no-progress"]) == 1
+    capsys.readouterr()
+    assert cli.main(["validate", root, "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert f"completeness of {root} " in out and "selected     8 records in 4 shards" in out
+    assert f"DEFECT {root}/gen/sd21-tiny/00003.parquet: missing: the unit never finished" in out
+    assert f"DEFECT {root}/stats/assemble/00003.json: missing: the shard was never assembled" in out
+
+
 @pytest.mark.slow
 def test_quickstart_stages_on_s3(tmp_path: Path, s3_bucket: str, s3) -> None:  # noqa: F811
     """select, fetch-real (img2dataset over loopback), generate with one tiny generator, assemble and validate,

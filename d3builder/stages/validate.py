@@ -25,7 +25,7 @@ from d3builder.recipe.cliargs import (
 )
 from d3builder.storage.card import card_split_counts, in_split_order
 from d3builder.storage.completeness import Completeness, check_completeness, has_records
-from d3builder.storage.layout import TRANSFORM_STAGE, split_prefix
+from d3builder.storage.layout import TRANSFORM_STAGE, DataLayout, split_prefix
 from d3builder.storage.schema import (
     AUGM_SPLITS,
     SOURCE_SPLIT,
@@ -304,7 +304,7 @@ def validate_dataset(
 ) -> ValidationReport:
     """Validate a dataset folder or URL (d3/, or the output root holding d3/ and optionally extended/).
 
-    A local output root (with records/) is also checked for completeness; `generators`: the manifest's
+    An output root (with records/, on any store) is also checked for completeness; `generators`: the manifest's
     (default: those its stats name).
     """
     store = open_store(data_dir, storage_options, writable=False)
@@ -312,8 +312,9 @@ def validate_dataset(
         raise FileNotFoundError(f"{data_dir}: no such dataset folder")
     d3_dir, groups = find_shards(store)
     report = ValidationReport(Path(data_dir) if store.local else data_dir)
-    if store.local and has_records(Path(data_dir)):
-        report.completeness = check_completeness(Path(data_dir), generators)
+    layout = DataLayout(store)
+    if has_records(layout):
+        report.completeness = check_completeness(layout, generators)
     gaps = report.completeness.gaps if report.completeness else []
     jobs = [(store.url(path), group) for group, paths in groups.items() for path in paths]
     if not jobs:

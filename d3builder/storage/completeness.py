@@ -8,18 +8,17 @@ for, a complete record that is in no d3/ shard, a d3/ row that is no selected re
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import PurePath
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from d3builder.storage.layout import TRANSFORM_STAGE, DataLayout, safe_name
 from d3builder.storage.schema import AUGM_SPLIT, AUGM_SPLITS
 from d3builder.storage.shards import Defect
+from d3builder.storage.store import Store
 
 SELECT, FETCH, GENERATE, ASSEMBLE, TRANSFORM = "select", "fetch-real", "generate", "assemble", TRANSFORM_STAGE
 """The stats folder of each stage (as each stage names it)."""
@@ -30,7 +29,8 @@ SUCCESS = "success"
 class Completeness:
     """What comparing records/ with the outputs and stats of every stage found."""
 
-    root: Path
+    root: str
+    """The output root as the user gave it (a local path or a URL)."""
     generators: list[str]
     shards: int = 0
     selected: int = 0
@@ -68,32 +68,35 @@ class Completeness:
         ]
 
 
-def has_records(root: Path) -> bool:
-    """Whether `root` is an output root (holds the records/ that completeness is checked against)."""
-    return (root / "records").is_dir() or (root / "stats" / SELECT).is_dir()
+def has_records(layout: DataLayout) -> bool:
+    """Whether `layout` is an output root (holds the records/ that completeness is checked against)."""
+    store, root = layout.store, layout.root
+    return store.isdir(root / "records") or store.isdir(root / "stats" / SELECT)
 
 
 def infer_generators(layout: DataLayout) -> list[str]:
     """The generators of a root without its manifest: those assemble recorded, else the folders under gen/."""
-    for path in sorted((layout.root / "stats" / ASSEMBLE).glob("[0-9]*.json")):
-        named = _json(path).get("generators")
+    store = layout.store
+    for path in store.glob(layout.root / "stats" / ASSEMBLE / "[0-9]*.json"):
+        named = _json(store, path).get("generators")
         if named:
             return list(named)
-    gen = layout.root / "gen"
-    return sorted(p.name for p in gen.iterdir() if p.is_dir() and not p.name.startswith(".")) if gen.is_dir() else []
+    return [p.name for p in store.listdir(layout.root / "gen") if not p.name.startswith(".") and store.isdir(p)]
 
 
-def _json(path: Path) -> dict[str, Any]:
+def _json(store: Store, path: PurePath) -> dict[str, Any]:
+    """A stats file's object, or {} when it is absent or unreadable."""
     try:
-        return json.loads(path.read_text())
+        data = store.read_json(path)
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
-def _rows(path: Path, columns: list[str]) -> list[dict[str, Any]] | None:
+def _rows(store: Store, path: PurePath, columns: list[str]) -> list[dict[str, Any]] | None:
     """Some columns of a shard as rows, or None when it is unreadable."""
     try:
-        return pq.read_table(path, columns=columns).to_pylist()
+        return store.read_table(path, columns=columns).to_pylist()
     except (OSError, pa.ArrowException, KeyError):
         return None
 
@@ -103,27 +106,28 @@ class _Shard:
 
     def __init__(self, report: Completeness, layout: DataLayout, shard: int) -> None:
         self.report, self.layout, self.shard = report, layout, shard
+        self.store = layout.store
 
-    def gap(self, path: Path, message: str, record: str | None = None) -> None:
-        self.report.gaps.append(Defect(str(path), message, record))
+    def gap(self, path: PurePath, message: str, record: str | None = None) -> None:
+        self.report.gaps.append(Defect(self.layout.url(path), message, record))
 
     def lost(self, record: str) -> None:
         self.report.lost.add((self.shard, record))
 
-    def unit(self, output: Path, stats: Path, command: str) -> list[dict[str, Any]] | None:
+    def unit(self, output: PurePath, stats: PurePath, command: str) -> list[dict[str, Any]] | None:
         """A finished unit's rows (id, status), or None after naming what is missing."""
-        if not output.is_file():
+        if not self.store.isfile(output):
             self.gap(output, f"missing: the unit never finished (run `{command}`)")
             return None
-        if not stats.is_file():
+        if not self.store.isfile(stats):
             self.gap(stats, f"missing: {output.name} was written but its unit never finished (run `{command}`)")
             return None
-        rows = _rows(output, ["id", "status"])
+        rows = _rows(self.store, output, ["id", "status"])
         if rows is None:
             self.gap(output, "unreadable")
         return rows
 
-    def statuses(self, rows: list[dict[str, Any]] | None, path: Path, wanted: list[str], stage: str,
+    def statuses(self, rows: list[dict[str, Any]] | None, path: PurePath, wanted: list[str], stage: str,
                  real: dict[str, str | None] | None = None) -> dict[str, str | None] | None:
         """id -> status (None: no row) in a stage's shard; a missing row is a gap unless the real image failed."""
         if rows is None:
@@ -140,7 +144,7 @@ class _Shard:
 
     def check(self) -> None:
         report, layout, k = self.report, self.layout, self.shard
-        records = _rows(layout.records(k), ["id", "split"])
+        records = _rows(self.store, layout.records(k), ["id", "split"])
         if records is None:
             self.gap(layout.records(k), "records shard missing or unreadable, though select counted it")
             return
@@ -153,7 +157,7 @@ class _Shard:
         for g in report.generators:
             stats = layout.stats(GENERATE, k, g)
             rows = self.unit(layout.gen(g, k), stats, f"d3builder generate --generator {g}")
-            covered = _json(stats).get("splits") if rows is not None else None
+            covered = _json(self.store, stats).get("splits") if rows is not None else None
             wanted = [r["id"] for r in records if covered is None or r["split"] in covered]
             if len(wanted) < len(ids):
                 self.gap(stats, f"rendered splits {covered} only: {len(ids) - len(wanted)} records of other splits "
@@ -171,7 +175,7 @@ class _Shard:
         """Each record in its d3/ split or dropped for a recorded reason; assemble's stats agree."""
         report, layout, k = self.report, self.layout, self.shard
         stats_path = layout.stats(ASSEMBLE, k)
-        if not stats_path.is_file():
+        if not self.store.isfile(stats_path):
             self.gap(stats_path, "missing: the shard was never assembled (run `d3builder assemble`)")
             for record in records:
                 self.lost(record["id"])
@@ -179,7 +183,7 @@ class _Shard:
         in_d3: dict[str, str] = {}
         for split in sorted({r["split"] for r in records if _safe(r["split"])}):
             path = layout.d3(split, k)
-            for row in (_rows(path, ["id"]) or []) if path.is_file() else []:  # unreadable: named by the shard checks
+            for row in (_rows(self.store, path, ["id"]) or []) if self.store.isfile(path) else []:  # unreadable: shard checks name it
                 in_d3.setdefault(row["id"], split)
         inputs_complete = real is not None and all(g is not None for g in gens.values())
         dropped = 0
@@ -206,22 +210,22 @@ class _Shard:
         ids = {r["id"] for r in records}
         for rid, split in in_d3.items():
             if rid not in ids:
-                self.gap(layout.d3(split, k), f"not a record of {layout.records(k)}", rid)
-        declared = _json(stats_path).get("dropped")
+                self.gap(layout.d3(split, k), f"not a record of {layout.url(layout.records(k))}", rid)
+        declared = _json(self.store, stats_path).get("dropped")
         if inputs_complete and declared not in (None, dropped):
             self.gap(stats_path, f"says {declared} records dropped, the inputs explain {dropped}")
         for split, augm in AUGM_SPLITS.items():
-            if layout.d3(split, k).is_file() and report.transform_ran:
+            if self.store.isfile(layout.d3(split, k)) and report.transform_ran:
                 self.transformed(split, augm)
 
     def transformed(self, split: str, augm: str) -> None:
         """The transformed copy (`augm`) of this shard's `split` was written: its transform-test unit finished."""
         stats_path = self.layout.transform_stats(split, self.shard)
         self.report.transformed[augm] += 0  # listed in the summary even when no unit finished
-        if not stats_path.is_file():
+        if not self.store.isfile(stats_path):
             self.gap(stats_path, f"missing: the {split} shard was never transformed (run `d3builder transform-test`)")
         else:
-            self.report.transformed[augm] += int(_json(stats_path).get("written", 0))
+            self.report.transformed[augm] += int(_json(self.store, stats_path).get("written", 0))
 
 
 def _safe(split: Any) -> bool:
@@ -249,22 +253,24 @@ def _reasons(record: str, real: dict | None, gens: dict[str, dict | None]) -> li
     return reasons
 
 
-def check_completeness(root: str | Path, generators: list[str] | None = None) -> Completeness:
+def check_completeness(root: str | PurePath | DataLayout, generators: list[str] | None = None) -> Completeness:
     """Compare an output root's records/ with the outputs and stats of every stage (`generators`: the manifest's)."""
-    layout = DataLayout(Path(root))
-    report = Completeness(layout.root, list(generators) if generators is not None else infer_generators(layout))
+    layout = root if isinstance(root, DataLayout) else DataLayout(str(root))
+    named = list(generators) if generators is not None else infer_generators(layout)
+    report = Completeness(layout.url(layout.root), named)
     select_stats = layout.stats(SELECT, 0)
     shards = layout.record_shards()
-    if select_stats.is_file():
-        declared = int(_json(select_stats).get("shards", len(shards)))
+    if layout.store.isfile(select_stats):
+        declared = int(_json(layout.store, select_stats).get("shards", len(shards)))
         shards = sorted(set(shards) | set(range(declared)))
     else:
-        report.gaps.append(Defect(str(select_stats), "missing: select never finished (run `d3builder select`)"))
+        report.gaps.append(Defect(layout.url(select_stats), "missing: select never finished (run `d3builder select`)"))
     report.shards = len(shards)
-    report.transform_ran = (layout.root / "stats" / TRANSFORM).is_dir()
+    report.transform_ran = layout.store.isdir(layout.root / "stats" / TRANSFORM)
     for shard in shards:
         _Shard(report, layout, shard).check()
-    kept = _json(select_stats).get("kept")
+    kept = _json(layout.store, select_stats).get("kept")
     if kept is not None and kept != report.selected:
-        report.gaps.append(Defect(str(select_stats), f"says {kept} records selected, records/ holds {report.selected}"))
+        report.gaps.append(Defect(layout.url(select_stats),
+                                  f"says {kept} records selected, records/ holds {report.selected}"))
     return report

@@ -9,7 +9,7 @@ from typing import Any
 
 from d3builder.core.commandline import UsageError
 from d3builder.storage.schema import SOURCE_SPLIT
-from d3builder.storage.store import open_store
+from d3builder.storage.store import Store, open_store
 
 TRANSFORM_STAGE = "transform_test"
 """The stats folder of `transform-test`."""
@@ -67,8 +67,8 @@ class DataLayout:
     Paths are `pathlib.Path`s under a local root and PurePosixPaths under a URL root: read and write them
     through `layout.store`, and show them with `layout.url(path)`."""
 
-    def __init__(self, root: str | PurePath, storage_options: dict[str, Any] | None = None) -> None:
-        self.store = open_store(str(root), storage_options)
+    def __init__(self, root: str | PurePath | Store, storage_options: dict[str, Any] | None = None) -> None:
+        self.store = open_store(root if isinstance(root, Store) else str(root), storage_options)
         self.root: PurePath = self.store.root
 
     def __repr__(self) -> str:
