@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from datasets import load_dataset
 from stagekit import GENERATORS, make_stage_inputs
 
@@ -138,8 +139,12 @@ def test_atomic_write_json_takes_paths_and_urls(tmp_path: Path, s3_bucket: str) 
 
 def test_s3_root_assembles_validates_and_loads_with_datasets(tmp_path: Path, s3_bucket: str, s3,  # noqa: F811
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stage inputs uploaded to S3; assemble and validate there; `datasets` reads the shards; no local `s3:`."""
+    """Stage inputs uploaded to S3; assemble, validate and publish from there; `datasets` reads the shards; no local
+    `s3:`."""
     inputs = make_stage_inputs(tmp_path / "local", 8, 4)
+    recipe = yaml.safe_load(inputs.manifest.path.read_text())
+    recipe["registry"] = [str(REPO / "manifests" / "generators.yaml")]  # publish names each generator's terms
+    inputs.manifest.path.write_text(yaml.safe_dump(recipe))
     root = f"{s3_bucket}/d3run"
     s3.upload(Path(inputs.layout.root), root)
     fs = s3.filesystem()
@@ -151,6 +156,11 @@ def test_s3_root_assembles_validates_and_loads_with_datasets(tmp_path: Path, s3_
     train = load_dataset("parquet", data_files=f"{root}/d3/train/*.parquet", split="train",
                          storage_options=s3.storage_options, cache_dir=str(tmp_path / "hf"))
     assert train.features == d3_features(len(GENERATORS)) and train["id"] == inputs.complete_ids("train")
+    assert cli.main(["publish", "-m", str(inputs.manifest.path), "--output-root", root, "hub", "--no-progress"]) == 0
+    published = load_dataset("parquet", data_files=str(tmp_path / "hub" / "train" / "*.parquet"), split="train",
+                             cache_dir=str(tmp_path / "hf"))
+    assert published["id"] == train["id"] and "image_real" not in published.column_names
+    assert (tmp_path / "hub" / "README.md").is_file()
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith("s3:")]
     assert not [k for k in fs.find(root.removeprefix("s3://")) if ".tmp" in k]
 

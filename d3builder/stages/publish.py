@@ -20,12 +20,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from huggingface_hub import HfApi
 from tqdm import tqdm
 
 from d3builder.generators.registry import RegistryError, load_registries
-from d3builder.recipe.cliargs import add_manifest_args, manifest_from_args
+from d3builder.recipe.cliargs import (
+    add_manifest_args,
+    add_progress_arg,
+    manifest_from_args,
+)
 from d3builder.recipe.manifest import Manifest
 from d3builder.storage.card import split_shards
 from d3builder.storage.hub import HubError, check_upload, upload_folder
@@ -88,11 +91,12 @@ def publish_dataset(
     existing `out` fail before anything is written.
     """
     api = check_upload(repo_id, api) if repo_id else None
-    source, out = manifest.layout.d3_dir(), Path(out)
-    splits = split_shards(source) if source.is_dir() else {}
+    store, source, out = manifest.layout.store, manifest.layout.d3_dir(), Path(out)
+    splits = split_shards(source, store) if store.isdir(source) else {}
     if not splits:
-        raise FileNotFoundError(f"no assembled shards under {source}: run `d3builder assemble -m {manifest.path}` first")
-    if out.resolve() == source.resolve():
+        raise FileNotFoundError(f"no assembled shards under {store.url(source)}: "
+                                f"run `d3builder assemble -m {manifest.path}` first")
+    if store.local and out.resolve() == Path(source).resolve():
         raise FileExistsError(f"{out} is the assembled dataset itself: publish into another folder")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (use --force to replace it)")
@@ -102,15 +106,16 @@ def publish_dataset(
     summary = PublishSummary(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    total = sum(pq.ParquetFile(path).metadata.num_rows for shards in splits.values() for path in shards)
+    total = sum(store.parquet_file(path).metadata.num_rows for shards in splits.values() for path in shards)
     try:
         with tqdm(total=total, desc="publish", unit="record", disable=not progress) as bar:
             for split, shards in splits.items():
-                features = read_features(shards[0])
+                features = read_features(shards[0], store)
                 if features is None:
-                    raise ValueError(f"{shards[0]}: no `datasets` features in the Parquet metadata (not written by d3builder?)")
+                    raise ValueError(f"{store.url(shards[0])}: no `datasets` features in the Parquet metadata "
+                                     "(not written by d3builder?)")
                 features = published_features(features, with_real_images)
-                rows = (row for path in shards for row in iter_rows(path, columns=list(features)))
+                rows = (row for path in shards for row in iter_rows(path, columns=list(features), store=store))
                 written = write_sized_shards(_counted(rows, summary.rows, split, bar),
                                              lambda k, s=split: tmp / s / f"{s}-{shard_name(k)}.parquet",
                                              features, max_shard_bytes)
@@ -138,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"WARNING: {REAL_IMAGES_WARNING}", file=sys.stderr)
     try:
         summary = publish_dataset(manifest_from_args(args), args.out, int(args.max_shard_mb * MB), args.with_real_images,
-                                  args.force, args.repo)
+                                  args.force, args.repo, progress=args.progress)
     except (HubError, FileExistsError, FileNotFoundError, RegistryError) as exc:
         print(f"d3builder publish: {exc}", file=sys.stderr)
         return 2
@@ -166,4 +171,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="keep the real LAION image bytes (their owners' copyright applies: a warning is printed)")
     parser.add_argument("--repo", help="upload to this hub dataset repo (user/name; needs `hf auth login` or HF_TOKEN)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")
+    add_progress_arg(parser)
     parser.set_defaults(func=_run)

@@ -136,9 +136,12 @@ def _generation_software(assemble_stats: list[dict[str, Any]]) -> list[str]:
 
 
 def dataset_sections(
-    manifest: Manifest, splits: dict[str, list[PurePath]], infos: dict[str, SplitInfo], with_real_images: bool = True
+    manifest: Manifest, splits: dict[str, list[PurePath]], infos: dict[str, SplitInfo], with_real_images: bool = True,
+    shard_store: Store | None = None,
 ) -> list[str]:
-    """The card sections both cards share: splits, dropped records, generators, encodings, test_augm, source, software."""
+    """The card sections both cards share: splits, dropped records, generators, encodings, test_augm, source, software.
+
+    The stats come from the output root; the shards of `splits` are read from `shard_store` (default: the root's)."""
     store = manifest.layout.store
     n = len(manifest.generators)
     assemble_stats, augm_stats = _stats(store, "assemble"), _stats(store, "transform_test")
@@ -151,7 +154,7 @@ def dataset_sections(
     selected = sum(s.get("records", 0) for s in assemble_stats)
     encoding_rows = []
     for split, shards in splits.items():
-        for side, counts in _encodings(store, shards).items():
+        for side, counts in _encodings(shard_store or store, shards).items():
             encoding_rows.append([split, side, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"])
     augm = augm_stats[0] if augm_stats else {}
     sections = [

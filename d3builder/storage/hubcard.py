@@ -17,6 +17,7 @@ from d3builder.storage.card import (
     split_info,
     split_shards,
 )
+from d3builder.storage.shards import LOCAL
 from d3builder.storage.store import atomic_write_bytes
 
 LICENSE_NAME = "laion-terms-and-generator-licenses"
@@ -131,7 +132,7 @@ def write_published_card(
         "built and published with `d3builder` (d3code).",
         "## Real images",
         _real_images(with_real_images),
-        *dataset_sections(manifest, splits, infos, with_real_images),
+        *dataset_sections(manifest, splits, infos, with_real_images, LOCAL),  # the shards written to out_dir
         "## Configs",
         f"- `default`: {', '.join(f'`{s}`' for s in configs.get('default', []))}\n"
         + "\n".join(f"- `{name}`: the `{configs[name][0]}` split alone" for name in own),

@@ -84,10 +84,11 @@ def read_features(path: str | PurePath, store: Store | None = None) -> Features 
 
 
 def iter_rows(
-    path: str | Path, columns: Sequence[str] | None = None, batch_size: int = DEFAULT_ROW_GROUP_SIZE
+    path: str | PurePath, columns: Sequence[str] | None = None, batch_size: int = DEFAULT_ROW_GROUP_SIZE,
+    store: Store | None = None,
 ) -> Iterator[dict]:
-    """Stream a shard's rows as dicts, one record batch at a time."""
-    parquet = pq.ParquetFile(path)
+    """Stream a shard's rows as dicts, one record batch at a time (from `store`, default the local disk)."""
+    parquet = (store or LOCAL).parquet_file(path)
     for batch in parquet.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None):
         yield from batch.to_pylist()
 
