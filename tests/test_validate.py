@@ -166,6 +166,19 @@ def test_completeness_names_unfinished_units_and_unaccounted_records(tmp_path: P
     assert out.rstrip().endswith("FAILED: 9 defect(s)")
 
 
+def test_output_root_never_assembled_names_the_missing_stage_not_its_inputs(tmp_path: Path, capsys) -> None:
+    """records/, real/ and gen/ are stage inputs: with no d3/ yet, validate says so, never "not a D3 shard"."""
+    inputs = make_stage_inputs(tmp_path / "data", n_records=4, shard_size=2)
+    layout = inputs.layout
+    assert cli.main(["validate", str(layout.root), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert f"DEFECT {layout.d3_dir()}: no Parquet shards found" in out
+    for shard in (0, 1):
+        assert f"DEFECT {layout.stats('assemble', shard)}: missing: the shard was never assembled" in out
+    assert "not a D3 shard" not in out and "in a 'records' shard" not in out
+    assert out.rstrip().endswith("FAILED: 3 defect(s)")
+
+
 def test_bare_d3_folder_says_completeness_was_not_checked_and_a_manifest_checks_it(dataset, capsys) -> None:
     transform_test(dataset.manifest, progress=False)
     assert cli.main(["validate", str(dataset.layout.d3_dir())]) == 0

@@ -164,10 +164,13 @@ def _group_of(path: PurePath, d3_dir: PurePath) -> str:
     return split_prefix(path.stem) or (path.parent.name if path.parent != d3_dir else "data")
 
 
-def find_shards(store: Store) -> tuple[PurePath, dict[str, list[PurePath]]]:
-    """The d3 folder and its shards by group: each split, and `extended/{generator}` beside d3/."""
+def find_shards(store: Store, output_root: bool = False) -> tuple[PurePath, dict[str, list[PurePath]]]:
+    """The d3 folder and its shards by group: each split, and `extended/{generator}` beside d3/.
+
+    The store's root is the d3 folder itself unless it holds d3/ or is an output root (`output_root`: records/,
+    real/ and gen/ beside d3/ are stage inputs, never checked as splits)."""
     data_dir = store.root
-    d3_dir = data_dir / "d3" if store.isdir(data_dir / "d3") else data_dir
+    d3_dir = data_dir / "d3" if output_root or store.isdir(data_dir / "d3") else data_dir
     groups: dict[str, list[PurePath]] = {}
     found = [*store.glob(d3_dir / "*.parquet"), *store.glob(d3_dir / "**" / "*.parquet")]
     for path in sorted(set(found)):
@@ -310,10 +313,11 @@ def validate_dataset(
     store = open_store(data_dir, storage_options, writable=False)
     if not store.isdir(store.root):
         raise FileNotFoundError(f"{data_dir}: no such dataset folder")
-    d3_dir, groups = find_shards(store)
-    report = ValidationReport(Path(data_dir) if store.local else data_dir)
     layout = DataLayout(store)
-    if has_records(layout):
+    output_root = has_records(layout)
+    d3_dir, groups = find_shards(store, output_root)
+    report = ValidationReport(Path(data_dir) if store.local else data_dir)
+    if output_root:
         report.completeness = check_completeness(layout, generators)
     gaps = report.completeness.gaps if report.completeness else []
     jobs = [(store.url(path), group) for group, paths in groups.items() for path in paths]
