@@ -183,7 +183,9 @@ class _Shard:
         in_d3: dict[str, str] = {}
         for split in sorted({r["split"] for r in records if _safe(r["split"])}):
             path = layout.d3(split, k)
-            for row in (_rows(self.store, path, ["id"]) or []) if self.store.isfile(path) else []:  # unreadable: shard checks name it
+            # an unreadable d3/ shard adds no ids here: the shard checks name it
+            rows = _rows(self.store, path, ["id"]) if self.store.isfile(path) else None
+            for row in rows or []:
                 in_d3.setdefault(row["id"], split)
         inputs_complete = real is not None and all(g is not None for g in gens.values())
         dropped = 0
@@ -253,9 +255,8 @@ def _reasons(record: str, real: dict | None, gens: dict[str, dict | None]) -> li
     return reasons
 
 
-def check_completeness(root: str | PurePath | DataLayout, generators: list[str] | None = None) -> Completeness:
+def check_completeness(layout: DataLayout, generators: list[str] | None = None) -> Completeness:
     """Compare an output root's records/ with the outputs and stats of every stage (`generators`: the manifest's)."""
-    layout = root if isinstance(root, DataLayout) else DataLayout(str(root))
     named = list(generators) if generators is not None else infer_generators(layout)
     report = Completeness(layout.url(layout.root), named)
     select_stats = layout.stats(SELECT, 0)
